@@ -1,0 +1,40 @@
+# The two set-up commands: `make demo` and `make test`. Both install everything
+# they need into .venv first (idempotent: a stamp file records the install).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.daco-installed
+
+.PHONY: install wordnet demo test bench clean
+
+install: $(STAMP) wordnet
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# WordNet 3.0: NLTK's data, $$WNSEARCHDIR or /usr/share/wordnet. When none is
+# found and apt is usable, install Debian's copy.
+wordnet: $(STAMP)
+	@$(PY) -c "from transforms.wordnet import find_wordnet; find_wordnet()" 2>/dev/null \
+	  || { if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	         echo "installing WordNet 3.0 (wordnet-base, wordnet-sense-index)"; \
+	         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base wordnet-sense-index >/dev/null; \
+	       else \
+	         $(PY) -c "from transforms.wordnet import find_wordnet; find_wordnet()"; \
+	       fi; }
+
+demo: install
+	$(VENV)/bin/daco concepts --out daco-out
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	for b in bench/*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf daco-out .pytest_cache

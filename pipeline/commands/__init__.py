@@ -1,0 +1,1 @@
+"""Subcommands of ``daco``; each module is one command (see pipeline/cli.py)."""

@@ -1,0 +1,39 @@
+"""``daco concepts``: WordNet -> OUT/concepts.parquet."""
+
+HELP = "Select visual concepts from WordNet 3.0 and write OUT/concepts.parquet."
+BEAM_OPTIONS = True
+
+
+def add_arguments(parser):
+    parser.add_argument("--out", required=True, help="output directory (local path or any Beam filesystem URL)")
+    parser.add_argument("--max-concepts", type=int, default=None,
+                        help="number of concepts to keep (default: the config's, 15000)")
+    parser.add_argument("--config", default=None, help="YAML config file; its 'concepts:' section is used")
+    parser.add_argument("--wordnet-dir", default=None,
+                        help="WordNet 3.0 database directory (default: $WNSEARCHDIR, NLTK's data, /usr/share/wordnet)")
+
+
+def run(args, beam_args):
+    from pipeline.config import load_config_file, section
+    from pipeline.runner import quiet_beam_logging, run_pipeline, print_summary
+    from transforms.concepts import ConceptsConfig, SelectConcepts, WriteConcepts, RECONCILIATION
+    from transforms.wordnet import WordNetNotFound, find_wordnet
+
+    quiet_beam_logging()
+    cfg = section(load_config_file(args.config), "concepts", ConceptsConfig, args.config)
+    if args.max_concepts is not None:
+        cfg = ConceptsConfig.from_dict({**cfg.__dict__, "max_concepts": args.max_concepts}, where="--max-concepts")
+    if args.wordnet_dir:
+        cfg.wordnet_dir = args.wordnet_dir
+    try:
+        find_wordnet(cfg.wordnet_dir)  # fail before any pipeline work
+    except WordNetNotFound as exc:
+        raise SystemExit(str(exc)) from None
+
+    def build(p):
+        p | "SelectConcepts" >> SelectConcepts(cfg) | "WriteConcepts" >> WriteConcepts(args.out, cfg)
+
+    counters = run_pipeline(build, beam_args)
+    ok = print_summary("concepts", counters, [RECONCILIATION])
+    print(f"wrote {args.out.rstrip('/')}/concepts.parquet ({counters.get('concepts.kept', 0):,} concepts)")
+    return 0 if ok else 1

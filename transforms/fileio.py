@@ -1,0 +1,62 @@
+"""Writing outputs through Beam's filesystems (local paths, gs://, ...), atomically.
+
+Every output is written under a temporary name and renamed, so a reader never
+sees half a file (DESIGN.md, Conventions).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts for any Beam filesystem."""
+    return FileSystems.join(base, *parts)
+
+
+def makedirs(path: str) -> None:
+    """Create a directory (no-op where it exists or on object stores)."""
+    if not FileSystems.exists(path):
+        FileSystems.mkdirs(path)
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary sibling and a rename."""
+    parent = FileSystems.split(path)[0]
+    if parent:
+        makedirs(parent)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with FileSystems.create(tmp) as fh:
+        fh.write(data)
+    if FileSystems.exists(path):
+        FileSystems.delete([path])
+    FileSystems.rename([tmp], [path])
+
+
+def write_parquet_atomic(path: str, table: pa.Table) -> None:
+    """Write a parquet file deterministically (same table, same bytes) and atomically."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd", write_statistics=True)
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """Write JSON with sorted keys (stable bytes) atomically."""
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_bytes(path: str) -> bytes:
+    """Read a whole file from any Beam filesystem."""
+    with FileSystems.open(path) as fh:
+        return fh.read()
+
+
+def read_parquet(path: str) -> pa.Table:
+    """Read a parquet file from any Beam filesystem."""
+    return pq.read_table(io.BytesIO(read_bytes(path)))
