@@ -62,8 +62,9 @@ def run_pipeline(build: Callable[[beam.Pipeline], object], beam_args: list[str] 
     return counters
 
 
-def print_summary(title: str, counters: dict[str, int], reconciliations: list[Reconciliation], out=sys.stdout) -> bool:
+def print_summary(title: str, counters: dict[str, int], reconciliations: list[Reconciliation], out=None) -> bool:
     """Print every counter grouped by stage and check each reconciliation; True when all hold."""
+    out = out or sys.stdout
     print(f"\n== {title} ==", file=out)
     namespaces = sorted({key.split(".", 1)[0] for key in counters})
     for ns in namespaces:
