@@ -28,7 +28,7 @@ wordnet: $(STAMP)
 	       fi; }
 
 demo: install
-	$(VENV)/bin/daco concepts --out daco-out
+	$(VENV)/bin/daco build --out daco-out
 
 test: install
 	$(PY) -m pytest -q

@@ -21,7 +21,6 @@ benchmark's baseline and a reference for the tests).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -31,6 +30,7 @@ import pyarrow as pa
 from apache_beam.metrics import Metrics
 
 from transforms import fileio
+from transforms.config import StageConfig
 from transforms.counters import Reconciliation
 from transforms.progress import ProgressLog
 from transforms.polarity import Lexicon, load_lexicon, polarity_table
@@ -54,7 +54,7 @@ SCHEMA = pa.schema([
 
 
 @dataclass
-class ConceptsConfig:
+class ConceptsConfig(StageConfig):
     """Options of the concept stage (the ``concepts:`` section of a config file).
 
     Attributes:
@@ -87,20 +87,12 @@ class ConceptsConfig:
     polarity_overrides: str | None = None
     wordnet_dir: str | None = None
 
-    @classmethod
-    def from_dict(cls, data: dict, where: str = "concepts") -> "ConceptsConfig":
-        """Build from a config section, rejecting unknown keys with the valid ones named."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"{where}: unknown option(s) {unknown}; valid: {sorted(names)}")
-        cfg = cls(**data)
-        if cfg.max_concepts < 1:
-            raise ValueError(f"{where}.max_concepts must be >= 1, got {cfg.max_concepts}")
-        bad_pos = sorted(set(cfg.pos) - {"n", "v", "a", "s", "r"})
+    def validate(self, where: str) -> None:
+        if self.max_concepts < 1:
+            raise ValueError(f"{where}.max_concepts must be >= 1, got {self.max_concepts}")
+        bad_pos = sorted(set(self.pos) - {"n", "v", "a", "s", "r"})
         if bad_pos:
             raise ValueError(f"{where}.pos: {bad_pos} are not WordNet parts of speech (n, v, a, s, r)")
-        return cfg
 
 
 class ConceptSelector:

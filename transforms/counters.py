@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 @dataclass
 class Reconciliation:
-    """``total`` must equal the sum of ``parts`` (counter names within one namespace)."""
+    """``total`` must equal the sum of ``parts``: counter names within ``namespace``, or
+    ``other_stage.name`` for a counter of another stage (cross-stage checks)."""
 
     namespace: str
     total: str
@@ -20,7 +21,7 @@ class Reconciliation:
 
     def check(self, counters: dict[str, int]) -> tuple[bool, str]:
         """(ok, one-line explanation)."""
-        get = lambda name: counters.get(f"{self.namespace}.{name}", 0)  # noqa: E731
+        get = lambda name: counters.get(name if "." in name else f"{self.namespace}.{name}", 0)  # noqa: E731
         lhs, rhs = get(self.total), sum(get(p) for p in self.parts)
         sign = "=" if lhs == rhs else "!="
         return lhs == rhs, f"{self.namespace}: {self.total} {lhs:,} {sign} " + " + ".join(self.parts) + f" = {rhs:,}"

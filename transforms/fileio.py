@@ -10,6 +10,7 @@ import io
 import json
 import uuid
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
@@ -60,3 +61,20 @@ def read_bytes(path: str) -> bytes:
 def read_parquet(path: str) -> pa.Table:
     """Read a parquet file from any Beam filesystem."""
     return pq.read_table(io.BytesIO(read_bytes(path)))
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """An array as ``.npy`` file bytes (no pickled objects)."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def write_npy_atomic(path: str, array: np.ndarray) -> None:
+    """Write an array as ``.npy`` atomically."""
+    write_bytes_atomic(path, npy_bytes(array))
+
+
+def read_npy(path: str) -> np.ndarray:
+    """Read a ``.npy`` file from any Beam filesystem, never unpickling."""
+    return np.load(io.BytesIO(read_bytes(path)), allow_pickle=False)

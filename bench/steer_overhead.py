@@ -1,0 +1,211 @@
+"""Per-generated-token overhead of steering versus unsteered generation, on one seeded CPU model.
+
+Model: a randomly initialised ``Qwen2ForCausalLM`` (hidden 1024, 24 layers, MLP 5376 =
+5.25x hidden as in Qwen2.5-7B, 16 heads / 4 KV heads, the offline tokenizer's small
+vocabulary; untrained). Steering at layers 15-19 with a 15,000-atom TopK SAE per layer
+(dictionary-initialised from random directions, k=64), 10% of the atoms undesirable
+and 1% desirable. Methods, each timed on the same greedy generation (batch 1, KV cache
+on, a fixed number of new tokens):
+
+* ``plain``: no steering (the baseline);
+* ``daco``: DACO's fast path (TopK calibrated into JumpReLU thresholds on recorded
+  activations; only the undesirable atoms are encoded, only those that fire decoded);
+* ``daco_exact``: DACO through the SAE's full 15,000-atom encode;
+* ``actadd``: ActAdd with the dictionary vector;
+* ``mop``: MOP, elastic net over the 15,000 unit concept directions, capped at
+  ``--mop-iters`` FISTA iterations per solve (fewer rounds and tokens: it is slow).
+
+Per generated token means per decode step: a streamer timestamps every new token, and
+the steps after the first are averaged (the first token's time, which includes the
+prefill, is reported apart). Rounds interleave the methods (their order rotates each
+round); figures are medians over rounds, plus the median of each round's ratio to that
+round's plain run ("paired"). The DACO overhead is printed last. JSON goes to
+bench/results/steer_overhead.json.
+
+    .venv/bin/python bench/steer_overhead.py            # default: a few minutes on 2 idle cores
+    .venv/bin/python bench/steer_overhead.py --full     # more rounds and tokens
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from steering.models import get_adapter
+from steering.sae import SAE
+from steering.steerers import ActAddSteerer, DacoSteerer, MOPSteerer, record_activations
+
+RESULTS = Path(__file__).parent / "results" / "steer_overhead.json"
+LAYERS = (15, 16, 17, 18, 19)
+MODEL_SIZE = dict(hidden_size=1024, intermediate_size=5376, num_hidden_layers=24, num_attention_heads=16,
+                  num_key_value_heads=4)
+PROMPT = "Describe the picture: a man with a knife and a gun is standing next to a burning car in the street."
+CALIBRATION_PROMPTS = [
+    "a dog sitting on the beach next to a red ball", "two people riding bikes down a city street at night",
+    "smoke and fire coming out of a broken building", "a child holding a cake with candles at a table",
+    "a man holding a gun in a dark room", "a woman walking in a field of yellow flowers under a blue sky",
+    "blood on the road after a car accident", "a group of young people playing a game in the snow",
+    "a knife next to a plate of food on a wooden table", "a train crossing a river over a small old bridge",
+    "a dirty window in an old house with a black cat", "a boat on the sea near a mountain with clouds",
+]
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--full", action="store_true", help="7 rounds, 32 new tokens, 3 MOP rounds")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds of every method (default 3; --full 7)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="tokens generated per run (default 12; --full 32)")
+    parser.add_argument("--atoms", type=int, default=15000, help="SAE width and MOP dictionary size (default 15000)")
+    parser.add_argument("--k", type=int, default=64, help="TopK k of the SAE (default 64)")
+    parser.add_argument("--mop-rounds", type=int, default=None, help="timed MOP rounds (default 1; --full 3)")
+    parser.add_argument("--mop-iters", type=int, default=20, help="FISTA iterations per MOP solve (default 20)")
+    parser.add_argument("--mop-new-tokens", type=int, default=6, help="tokens generated per MOP run (default 6)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    args.rounds = args.rounds or (7 if args.full else 3)
+    args.new_tokens = args.new_tokens or (32 if args.full else 12)
+    if min(args.new_tokens, args.mop_new_tokens) < 2:
+        parser.error("--new-tokens and --mop-new-tokens must be at least 2 (decode steps are timed after the first token)")
+    args.mop_rounds = args.mop_rounds or (3 if args.full else 1)
+    return args
+
+
+def text_inputs(tokenizer, prompts):
+    """Raw prompts (no chat template: the system turn would only lengthen every prefill), left-padded."""
+    return tokenizer(prompts, return_tensors="pt", padding=True)
+
+
+class StepClock:
+    """A ``generate`` streamer that timestamps each new token, so decode steps are timed apart from prefill."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+
+    def put(self, value):
+        self.stamps.append(time.perf_counter())  # first call: the prompt; then one call per new token
+
+    def end(self):
+        pass
+
+
+def time_generation(model, inputs, new_tokens) -> tuple[float, float]:
+    """(seconds to the first new token (prefill), mean seconds per later new token (one decode step each))."""
+    clock = StepClock()
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             streamer=clock)
+    assert out.shape[1] - inputs["input_ids"].shape[1] == new_tokens and len(clock.stamps) == new_tokens + 1
+    first, last = clock.stamps[1], clock.stamps[-1]
+    return first - start, (last - first) / (new_tokens - 1)
+
+
+def main():
+    args = parse_args()
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    model, tokenizer = get_adapter("qwen2").build_untrained(seed=args.seed, **MODEL_SIZE)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: untrained Qwen2ForCausalLM, {n_params / 1e6:.0f}M parameters, {MODEL_SIZE}, "
+          f"vocab {model.config.vocab_size} (built in {time.perf_counter() - t0:.0f}s); torch threads {torch.get_num_threads()}")
+
+    g = torch.Generator().manual_seed(args.seed)
+    n_neg, n_pos = args.atoms // 10, args.atoms // 100
+    atoms = torch.randperm(args.atoms, generator=g)
+    undesirable, desirable = atoms[:n_neg].tolist(), atoms[n_neg:n_neg + n_pos].tolist()
+    directions = {layer: torch.randn(args.atoms, MODEL_SIZE["hidden_size"], generator=g) for layer in LAYERS}
+    saes = {layer: SAE.from_dictionary(d, k=args.k) for layer, d in directions.items()}
+    for sae in saes.values():
+        sae.requires_grad_(False)
+
+    daco = DacoSteerer(model, saes, undesirable, desirable, gamma=1.0, mode="fast")
+    calibration = record_activations(model, LAYERS, text_inputs(tokenizer, CALIBRATION_PROMPTS))
+    reports = daco.calibrate(calibration, holdout=0.25)
+    steerers = {
+        "plain": None,
+        "daco": daco,
+        "daco_exact": DacoSteerer(model, saes, undesirable, desirable, gamma=1.0, mode="exact"),
+        "actadd": ActAddSteerer.from_directions(model, directions, undesirable, desirable, coefficient=1.0),
+        "mop": MOPSteerer(model, directions, undesirable, desirable, gamma=1.0, solver="elastic_net",
+                          max_iter=args.mop_iters, tol=0.0).prepare(),
+    }
+    inputs = text_inputs(tokenizer, [PROMPT])
+    print(f"prompt: {inputs['input_ids'].shape[1]} tokens; {args.new_tokens} new tokens ({args.mop_new_tokens} for mop), "
+          f"greedy, batch 1, KV cache; {args.rounds} rounds ({args.mop_rounds} for mop); SAE {args.atoms} atoms k={args.k} at layers {list(LAYERS)}; "
+          f"{n_neg} undesirable, {n_pos} desirable atoms")
+
+    def timed(name):
+        steerer = steerers[name]
+        tokens = args.mop_new_tokens if name == "mop" else args.new_tokens
+        if steerer is None:
+            return time_generation(model, inputs, tokens)
+        with steerer:
+            return time_generation(model, inputs, tokens)
+
+    names = list(steerers)
+    timed("plain")  # warm-up, untimed
+    prefill: dict[str, list[float]] = {name: [] for name in names}
+    decode: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(args.rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            if name == "mop" and r >= args.mop_rounds:
+                continue
+            first, step = timed(name)
+            prefill[name].append(first)
+            decode[name].append(step)
+        print(f"round {r + 1}/{args.rounds} decode ms/token: "
+              + ", ".join(f"{n} {decode[n][-1] * 1e3:.0f}" for n in names if len(decode[n]) > r), flush=True)
+
+    plain = statistics.median(decode["plain"])
+    rows = {}
+    for name in names:
+        median = statistics.median(decode[name])
+        paired = [t / decode["plain"][i] - 1 for i, t in enumerate(decode[name])]  # same round
+        rows[name] = {"decode_ms_per_token": median * 1e3, "overhead_pct": (median / plain - 1) * 100,
+                      "paired_overhead_pct_median": statistics.median(paired) * 100,
+                      "prefill_ms_median": statistics.median(prefill[name]) * 1e3,
+                      "prefill_overhead_pct": (statistics.median(prefill[name]) / statistics.median(prefill["plain"]) - 1) * 100,
+                      "rounds_decode_ms": [t * 1e3 for t in decode[name]]}
+    paper = {"daco": 14.6, "actadd": 10.8, "mop": 49.4}
+    print(f"\n{'method':<12} {'decode ms/token':>15} {'overhead':>9} {'paired':>8} {'prefill ms':>11} {'prefill':>8} {'paper':>7}")
+    for name, row in rows.items():
+        ref = f"+{paper[name]:.1f}%" if name in paper else ""
+        print(f"{name:<12} {row['decode_ms_per_token']:>15.1f} {row['overhead_pct']:>+8.1f}% "
+              f"{row['paired_overhead_pct_median']:>+7.1f}% {row['prefill_ms_median']:>11.0f} "
+              f"{row['prefill_overhead_pct']:>+7.1f}% {ref:>7}")
+    print("calibrated TopK vs exact TopK on the undesirable atoms (held-out activations):")
+    for layer, rep in reports.items():
+        print(f"  layer {layer}: agreement {rep.agreement:.4f}, tokens fully agreeing {rep.token_agreement:.3f}, "
+              f"recall {rep.recall:.3f}, precision {rep.precision:.3f} (fit {rep.n_fit}, eval {rep.n_eval})")
+
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({
+        "benchmark": "steer_overhead",
+        "untrained": True,
+        "model": {"class": "Qwen2ForCausalLM", "parameters": n_params, **MODEL_SIZE, "vocab_size": model.config.vocab_size},
+        "config": {"layers": list(LAYERS), "atoms": args.atoms, "k": args.k, "undesirable": n_neg, "desirable": n_pos,
+                   "new_tokens": args.new_tokens, "mop_new_tokens": args.mop_new_tokens, "rounds": args.rounds,
+                   "mop_rounds": args.mop_rounds,
+                   "mop_iters": args.mop_iters, "batch": 1, "prompt_tokens": inputs["input_ids"].shape[1],
+                   "seed": args.seed},
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "methods": rows,
+        "calibration": {str(layer): rep._asdict() for layer, rep in reports.items()},
+        "paper_overhead_pct": paper,
+        "goal": "daco overhead_pct <= 5",
+    }, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
+    print(f"DACO steering overhead per generated token (decode step): {rows['daco']['overhead_pct']:+.1f}% "
+          f"(paired median {rows['daco']['paired_overhead_pct_median']:+.1f}%; goal <= +5%; paper +14.6%; "
+          f"exact full-encode path {rows['daco_exact']['overhead_pct']:+.1f}%)")
+
+
+if __name__ == "__main__":
+    main()

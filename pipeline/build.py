@@ -1,0 +1,178 @@
+"""``daco build``: the whole DACO-400K pipeline, WordNet to dictionary (DESIGN.md, upper line).
+
+Phases (each a Beam pipeline on the chosen runner, except the corpus step):
+
+1. concepts: WordNet -> ``OUT/concepts.parquet`` (transforms/concepts.py);
+2. corpus (only without ``--shards``): the embedded corpus drawn for those concepts,
+   written by the real img2dataset from a loopback server into ``OUT/corpus/shards``;
+3. concept text embeddings with the CLIP model (``OUT/concept_embeddings.npy``);
+4. the main graph: shards -> CLIP embeddings (skipped when ``--embeddings`` points at a
+   clip-retrieval folder) -> retrieval -> stimuli -> MLLM activations -> directions ->
+   ``OUT/dictionary/``; then ``metadata.json`` and the dataset card ``README.md``.
+
+Retrieval needs every concept's text embedding as one array, and the corpus must be
+drawn for the selected concepts, so phases 1-3 run before the main graph is built.
+Everything a stage needs is checked (config, shards, model, layers) before phase 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from pipeline.config import load_config_file, section
+from pipeline.runner import print_summary, run_pipeline
+from transforms import activations, concepts, directions, embed, fileio, retrieve, shards
+from transforms.config import StageConfig
+from transforms.counters import Reconciliation
+
+PRESETS = sorted(p.name[:-5] for p in resources.files("pipeline.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+@dataclass
+class CorpusConfig(StageConfig):
+    """Options of the embedded corpus (``corpus:`` section; used only without ``--shards``)."""
+
+    n: int = 2000
+    seed: int = 0
+    image_size: int = 64
+
+    def validate(self, where: str) -> None:
+        if self.n < 1:
+            raise ValueError(f"{where}.n must be >= 1, got {self.n}")
+
+
+@dataclass
+class BuildConfig:
+    """Every stage's options, from a preset or a config file."""
+
+    concepts: concepts.ConceptsConfig
+    corpus: CorpusConfig
+    clip: embed.ClipConfig
+    retrieve: retrieve.RetrieveConfig
+    mllm: activations.MLLMConfig
+    source: str = "preset:default"
+    extra: dict = field(default_factory=dict)
+
+
+SECTIONS = {"concepts": concepts.ConceptsConfig, "corpus": CorpusConfig, "clip": embed.ClipConfig,
+            "retrieve": retrieve.RetrieveConfig, "mllm": activations.MLLMConfig}
+
+
+def preset_path(name: str) -> str:
+    """The YAML file of a named preset; an unknown name lists the known ones."""
+    if name not in PRESETS:
+        raise SystemExit(f"--preset {name!r} is not a preset; known: {', '.join(PRESETS)}")
+    return str(resources.files("pipeline.presets").joinpath(f"{name}.yaml"))
+
+
+def load_build_config(config: str | None, preset: str | None) -> BuildConfig:
+    """The build options: ``--config FILE`` or ``--preset NAME`` (default: the embedded default)."""
+    if config and preset:
+        raise SystemExit("give --config or --preset, not both")
+    path = config or preset_path(preset or "default")
+    data = load_config_file(path)
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise SystemExit(f"{path}: unknown section(s) {unknown}; valid: {sorted(SECTIONS)}")
+    parts = {name: section(data, name, cls, path) for name, cls in SECTIONS.items()}
+    return BuildConfig(**parts, source=f"config:{config}" if config else f"preset:{preset or 'default'}")
+
+
+def _step(message: str) -> None:
+    print(f"[daco] {message}", file=sys.stderr, flush=True)
+
+
+def reconciliations() -> list[Reconciliation]:
+    """Every stage's checks, plus the hand-offs between stages."""
+    return [
+        concepts.RECONCILIATION, shards.RECONCILIATION, embed.RECONCILIATION, embed.WRITE_RECONCILIATION,
+        retrieve.RECONCILIATION, retrieve.STIMULI_RECONCILIATION,
+        Reconciliation("activations", "stimuli", ("retrieve.stimuli_written",)),
+        activations.RECONCILIATION,
+        Reconciliation("directions", "read", ("activations.emitted",)),
+        *directions.RECONCILIATIONS,
+    ]
+
+
+def _read_stimuli(path: str):
+    yield from fileio.read_parquet(path).to_pylist()
+
+
+def run_build(cfg: BuildConfig, out: str, shards_pattern: str | None, embeddings_dir: str | None,
+              beam_args: list[str]) -> int:
+    """Run every phase into ``out``; prints the summary; returns the exit code."""
+    import apache_beam as beam
+
+    from transforms.write import WriteDictionary, write_dataset_card, write_metadata
+    from transforms.wordnet import find_wordnet
+
+    find_wordnet(cfg.concepts.wordnet_dir)
+    if shards_pattern:
+        shards.match_shards(shards_pattern)
+    if embeddings_dir and not embed.embeddings_exist(embeddings_dir):
+        raise SystemExit(f"--embeddings {embeddings_dir}: no clip-retrieval layout there "
+                         "(img_emb/, text_emb/, metadata/); drop the option to compute embeddings")
+    _step("checking the MLLM and its layers")
+    mllm_info = activations.check_model(cfg.mllm)
+    clip = embed.load_clip(cfg.clip)
+
+    _step("phase 1/4: concepts")
+    counters = run_pipeline(
+        lambda p: p | "SelectConcepts" >> concepts.SelectConcepts(cfg.concepts)
+        | "WriteConcepts" >> concepts.WriteConcepts(out, cfg.concepts), beam_args)
+    concepts_path = fileio.join(out, "concepts.parquet")
+
+    if not shards_pattern:
+        from transforms.corpus import build_corpus
+
+        _step(f"phase 2/4: embedded corpus ({cfg.corpus.n} pairs, img2dataset over 127.0.0.1)")
+        corpus_dir = str(Path(out) / "corpus")
+        build_corpus(corpus_dir, n=cfg.corpus.n, concepts_path=concepts_path, seed=cfg.corpus.seed,
+                     image_size=cfg.corpus.image_size, wordnet_dir=cfg.concepts.wordnet_dir)
+        shards_pattern = str(Path(corpus_dir) / "shards" / "*.tar")
+
+    _step("phase 3/4: concept text embeddings")
+    table = pq.read_table(concepts_path) if "://" not in concepts_path else fileio.read_parquet(concepts_path)
+    concept_ids = table.column("concept_id").to_pylist()
+    concept_emb = embed.embed_concepts(table, clip)
+    emb_path = fileio.join(out, "concept_embeddings.npy")
+    fileio.write_npy_atomic(emb_path, concept_emb)
+
+    _step("phase 4/4: shards -> embeddings -> retrieval -> activations -> directions")
+    emb_dir = embeddings_dir or fileio.join(out, "embeddings")
+
+    def main_graph(p):
+        records = p | "ReadShards" >> shards.ReadShards(shards_pattern, out)
+        after = None if embeddings_dir else records | "ComputeEmbeddings" >> embed.ComputeEmbeddings(out, cfg.clip)
+        stimuli_paths = p | "RetrieveStimuli" >> retrieve.RetrieveStimuli(
+            out, emb_dir, emb_path, concept_ids, cfg.retrieve, after=after)
+        stimuli = stimuli_paths | "ReadStimuli" >> beam.FlatMap(_read_stimuli)
+        vectors = {"records": records, "stimuli": stimuli} | "Activations" >> activations.ComputeActivations(out, cfg.mllm)
+        vectors | "Directions" >> directions.ComputeDirections(out) | "WriteDictionary" >> WriteDictionary(out)
+
+    for key, value in run_pipeline(main_graph, beam_args).items():
+        counters[key] = counters.get(key, 0) + value
+
+    clip_record = {"id": f"{cfg.clip.model_name}/{cfg.clip.pretrained or 'untrained'}",
+                   "untrained": clip.untrained, "embed_dim": clip.embed_dim, "seed": cfg.clip.seed}
+    metadata = write_metadata(out, {
+        "models": {"clip": clip_record, "mllm": {"id": mllm_info["model_id"], **mllm_info}},
+        "layers": mllm_info["layers"], "pooling": cfg.mllm.pooling, "prompt_template": cfg.mllm.prompt_template,
+        "seeds": {"clip": cfg.clip.seed, "mllm": cfg.mllm.seed, "corpus": cfg.corpus.seed,
+                  "retrieve": cfg.retrieve.seed},
+        "config_source": cfg.source,
+        "config": {name: dataclasses.asdict(getattr(cfg, name)) for name in SECTIONS},
+        "shards": shards_pattern, "embeddings": emb_dir, "counters": dict(sorted(counters.items())),
+    })
+    write_dataset_card(out, metadata)
+    ok = print_summary("daco build", counters, reconciliations())
+    print(f"\nDACO-400K output in {out}: concepts.parquet, stimuli/, dictionary/, metadata.json, README.md"
+          + ("\nWARNING: models were randomly initialised (untrained): the directions are not meaningful."
+             if metadata["untrained"] else ""))
+    return 0 if ok else 1

@@ -1,0 +1,152 @@
+"""``daco retrieve``: concepts + webdataset shards -> OUT/stimuli/*.parquet, in one Beam graph.
+
+ReadShards -> ComputeEmbeddings (skipped when --embeddings names an existing clip-retrieval
+folder) -> concept text embeddings with the same CLIP (OUT/concept_embeddings.npy) ->
+RetrieveStimuli, which takes the first two as a side input so it starts once they are written.
+"""
+
+HELP = "Retrieve positive and negative caption-image stimuli per concept (CLIP + faiss) into OUT/stimuli/."
+BEAM_OPTIONS = True
+
+RETRIEVE_OPTIONS = {  # --flag: (RetrieveConfig field, type, help)
+    "--k": ("k", int, "positives per concept (default 27)"),
+    "--n-negatives": ("n_negatives", int, "negatives per concept (default 27)"),
+    "--candidates": ("candidates", int, "candidates per modality from each faiss index (default 200)"),
+    "--min-positives": ("min_positives", int, "drop (and dead-letter) concepts with fewer positives (default 5)"),
+    "--max-score": ("max_score", float, "a pair whose DACO distance exceeds this is never a positive"),
+    "--similarity": ("similarity", str, "cosine01 ((1+cos)/2, default) or softmax (over concepts)"),
+    "--exact-max": ("exact_max", int, "exact index up to this many pairs, approximate above (default 250000)"),
+    "--ann": ("ann", str, "approximate index: ivf (default) or hnsw"),
+    "--nprobe": ("nprobe", int, "IVF lists probed per query (default 32)"),
+    "--seed": ("seed", int, "seed of the negatives and of IVF training (default 0)"),
+    "--use-gpu": ("use_gpu", str, "auto (faiss-gpu when installed and a GPU is present), yes, no"),
+}
+
+
+def add_arguments(parser):
+    from pipeline.commands.embed import add_clip_arguments
+
+    parser.add_argument("--concepts", required=True, help="concepts.parquet (from `daco concepts` or `daco corpus`)")
+    parser.add_argument("--shards", default=None,
+                        help="webdataset shards: a path, a glob (DIR/*.tar) or any Beam filesystem URL "
+                        "(not needed with --embeddings)")
+    parser.add_argument("--embeddings", default=None,
+                        help="an existing clip-retrieval embeddings folder (img_emb/, text_emb/, metadata/, e.g. "
+                        "LAION's); the embedding stage is then skipped. Default: compute into OUT/embeddings")
+    parser.add_argument("--out", required=True, help="output directory (local path or any Beam filesystem URL)")
+    parser.add_argument("--config", default=None, help="YAML config file; its 'clip:' and 'retrieve:' sections are used")
+    for flag, (_field, kind, text) in RETRIEVE_OPTIONS.items():
+        parser.add_argument(flag, type=kind, default=None, help=text)
+    add_clip_arguments(parser)
+
+
+def _retrieve_config(args):
+    from pipeline.config import load_config_file, section
+    from transforms.retrieve import RetrieveConfig
+
+    cfg = section(load_config_file(args.config), "retrieve", RetrieveConfig, args.config)
+    changes = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _k, _t) in RETRIEVE_OPTIONS.items()}
+    try:
+        return RetrieveConfig.from_dict({**cfg.to_dict(), **{k: v for k, v in changes.items() if v is not None}},
+                                        where="retrieve options")
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+
+
+def _concept_ids(path: str) -> list[str]:
+    from transforms import fileio
+
+    try:
+        table = fileio.read_parquet(path)
+    except Exception as exc:  # noqa: BLE001 - say which file
+        raise SystemExit(f"--concepts {path}: not a readable parquet file ({type(exc).__name__}: {exc}); "
+                         "write one with `daco concepts --out DIR`") from None
+    missing = {"concept_id", "lemma", "definition"} - set(table.column_names)
+    if missing:
+        raise SystemExit(f"--concepts {path}: missing column(s) {sorted(missing)} (expected concepts.parquet)")
+    ids = table.column("concept_id").to_pylist()
+    if not ids or len(set(ids)) != len(ids):
+        raise SystemExit(f"--concepts {path}: needs at least one concept and unique concept_id values")
+    return ids
+
+
+def _supplied_embeddings(emb_dir: str, clip, resolved) -> dict:
+    """Check a supplied folder against the CLIP model; returns its embeddings.json (or {})."""
+    import json
+
+    from apache_beam.io.filesystems import FileSystems
+
+    from transforms import fileio
+    from transforms.embed import embeddings_exist, model_config
+    from transforms.retrieve import stored_embedding_dim
+
+    if not embeddings_exist(emb_dir):
+        raise SystemExit(f"--embeddings {emb_dir}: not a clip-retrieval folder (img_emb/img_emb_N.npy with "
+                         "text_emb/ and metadata/); leave --embeddings out to compute them from --shards")
+    dim, expected = stored_embedding_dim(emb_dir), int(model_config(clip)["embed_dim"])
+    if dim != expected:
+        raise SystemExit(f"--embeddings {emb_dir} has dimension {dim} but CLIP {clip.model_name} embeds concepts "
+                         f"in {expected}: pass the --clip-model/--clip-pretrained that made the embeddings")
+    record_path = fileio.join(emb_dir, "embeddings.json")
+    if not FileSystems.exists(record_path):
+        return {}
+    record = json.loads(fileio.read_bytes(record_path))
+    weights = resolved.pretrained or f"random (seed {resolved.seed})"
+    if (record.get("model_name"), record.get("weights")) != (clip.model_name, weights):
+        raise SystemExit(f"--embeddings {emb_dir} were made with {record.get('model_name')} ({record.get('weights')}) "
+                         f"but concepts would be embedded with {clip.model_name} ({weights}): use the same CLIP options")
+    return record
+
+
+def run(args, beam_args):
+    import apache_beam as beam
+
+    from pipeline.commands.embed import clip_config_from_args
+    from pipeline.runner import print_summary, quiet_beam_logging, run_pipeline
+    from transforms import embed, fileio, retrieve, shards
+
+    quiet_beam_logging()
+    cfg = _retrieve_config(args)
+    clip = clip_config_from_args(args)
+    concept_ids = _concept_ids(args.concepts)
+    try:
+        resolved = embed.resolve_clip_config(clip)
+    except embed.ClipLoadError as exc:
+        raise SystemExit(str(exc)) from None
+    compute = args.embeddings is None
+    if compute:
+        if not args.shards:
+            raise SystemExit("--shards is required unless --embeddings names an existing embeddings folder")
+        emb_dir, untrained = fileio.join(args.out, "embeddings"), resolved.pretrained is None
+    else:
+        emb_dir = args.embeddings
+        untrained = _supplied_embeddings(emb_dir, clip, resolved).get("untrained", False) or resolved.pretrained is None
+        if args.shards:
+            print(f"using the embeddings in {emb_dir}; --shards is not read")
+    concepts_npy = fileio.join(args.out, "concept_embeddings.npy")
+    provenance = {"clip": {"model_name": clip.model_name, "weights": resolved.pretrained or f"random (seed {clip.seed})"},
+                  "untrained": bool(untrained), "retrieve": cfg.to_dict()}
+
+    def build(p):
+        ready = [p | "EmbedConcepts" >> retrieve.EmbedConcepts(args.concepts, concepts_npy, resolved)]
+        if compute:
+            records = p | "ReadShards" >> shards.ReadShards(args.shards, args.out)
+            ready.append(records | "ComputeEmbeddings" >> embed.ComputeEmbeddings(args.out, clip))
+        after = tuple(ready) | "EmbeddingsWritten" >> beam.Flatten()
+        p | "RetrieveStimuli" >> retrieve.RetrieveStimuli(args.out, emb_dir, concepts_npy, concept_ids, cfg,
+                                                          after=after, provenance=provenance)
+
+    try:
+        counters = run_pipeline(build, beam_args)
+    except (shards.ShardsNotFound, embed.ClipLoadError) as exc:  # raised while the graph is built
+        raise SystemExit(str(exc)) from None
+    checks = [retrieve.RECONCILIATION, retrieve.STIMULI_RECONCILIATION]
+    if compute:
+        checks = [shards.RECONCILIATION, embed.RECONCILIATION, embed.WRITE_RECONCILIATION] + checks
+    ok = print_summary("retrieve", counters, checks)
+    get = lambda name: counters.get(f"retrieve.{name}", 0)  # noqa: E731
+    out = args.out.rstrip("/")
+    print(f"wrote {out}/stimuli/ ({get('positives'):,} positives and {get('negatives'):,} negatives for "
+          f"{get('concepts_kept'):,} of {get('concepts_read'):,} concepts; dropped ones in {out}/deadletter/retrieve.jsonl)"
+          + (" [UNTRAINED CLIP: random weights]" if untrained else ""))
+    return 0 if ok else 1

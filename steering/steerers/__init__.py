@@ -1,0 +1,18 @@
+"""Steering methods, one module each, behind the :class:`Steerer` interface (METHODS.md §2-4).
+
+Each steerer is a context manager over a Hugging Face model that adds ``delta(layer, z)``
+to the chosen decoder layers' outputs for every token (prefill and each decode step,
+KV cache on, padded batches). :data:`STEERERS` maps method names to classes.
+"""
+
+from steering.steerers.base import (DEFAULT_LAYERS, STEERERS, Steerer, get_steerer, parse_layers,
+                                    record_activations, register)
+from steering.steerers.actadd import ActAddSteerer
+from steering.steerers.daco import CalibrationReport, DacoSteerer
+from steering.steerers.mop import MOPSteerer
+from steering.steerers.prompting import SAFETY_SYSTEM_PROMPT, PromptingSteerer
+
+__all__ = [
+    "DEFAULT_LAYERS", "STEERERS", "Steerer", "get_steerer", "parse_layers", "record_activations", "register",
+    "ActAddSteerer", "CalibrationReport", "DacoSteerer", "MOPSteerer", "PromptingSteerer", "SAFETY_SYSTEM_PROMPT",
+]

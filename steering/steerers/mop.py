@@ -1,0 +1,98 @@
+"""MOP / PaCE steering: sparse-code each activation on the concept dictionary (METHODS.md §2).
+
+For every position: solve ``z ~ D^T c`` over the unit-normalised dictionary (elastic
+net, or PaCE's low-rank least squares), then
+``z' = z - sum_{K-} c_i D_i + gamma sum_{K+} D_i``; the residual ``z - D^T c`` is kept.
+The solve runs once per position per steered layer, which is why MOP is the slowest
+method per generated token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from steering import sparse_coding
+from steering.dictionary import unit_rows
+from steering.steerers.base import DEFAULT_LAYERS, IndexSets, Steerer, dictionary_sets, disjoint, index_sets, register
+
+SOLVERS = ("elastic_net", "lstsq")
+
+
+@register("mop")
+class MOPSteerer(Steerer):
+    """Steer by removing the undesirable concepts' sparse codes and adding desirable concepts.
+
+    Args:
+        model: a Hugging Face model.
+        dictionary_by_layer: decoder layer -> concept directions [n_concepts, d] (rows are
+            unit-normalised here); the steered layers are its keys.
+        undesirable: concept (row) indices K-, one list for all layers or a dict per layer.
+        desirable: concept indices K+, likewise.
+        gamma: how much of each desirable unit direction to add.
+        solver: ``"elastic_net"`` (PaCE's objective; ``alpha``, ``tau``) or ``"lstsq"``
+            (PaCE's released code: least squares after a rank-``rank`` embedding).
+        max_iter, tol: the elastic net's iteration cap and stopping tolerance per solve.
+    """
+
+    def __init__(self, model: nn.Module | None, dictionary_by_layer: Mapping[int, torch.Tensor], undesirable: IndexSets,
+                 desirable: IndexSets = (), gamma: float = 0.0, solver: str = "elastic_net", alpha: float = 0.1,
+                 tau: float = 0.9, rank: int = 500, max_iter: int = 1000, tol: float = 1e-6):
+        if solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, not {solver!r}")
+        if not dictionary_by_layer:
+            raise ValueError("dictionary_by_layer is empty: give the concept directions of each layer to steer")
+        super().__init__(model, dictionary_by_layer.keys())
+        self.dictionary = {layer: unit_rows(torch.as_tensor(d).float()) for layer, d in dictionary_by_layer.items()}
+        sizes = {layer: d.shape[0] for layer, d in self.dictionary.items()}
+        undesirable = index_sets(undesirable, self.layers, sizes, "undesirable")
+        desirable = index_sets(desirable, self.layers, sizes, "desirable")
+        disjoint(undesirable, desirable)
+        self.undesirable = {layer: idx.tolist() for layer, idx in undesirable.items()}
+        self.desirable = {layer: idx.tolist() for layer, idx in desirable.items()}
+        self.gamma, self.solver, self.alpha, self.tau, self.rank = float(gamma), solver, alpha, tau, rank
+        self.max_iter, self.tol = max_iter, tol
+        self._solvers: dict[int, object] = {}
+
+    @classmethod
+    def from_dictionary(cls, model: nn.Module | None, dictionary, layers=DEFAULT_LAYERS, undesirable=None,
+                        desirable=None, **kwargs) -> MOPSteerer:
+        """From a :class:`steering.ConceptDictionary` (concept sets default to its polarity labels)."""
+        vectors, undesirable, desirable = dictionary_sets(dictionary, layers, undesirable, desirable)
+        return cls(model, vectors, undesirable, desirable, **kwargs)
+
+    def _to(self, device, dtype) -> None:
+        moved = {layer: d.to(device=device, dtype=dtype) for layer, d in self.dictionary.items()}
+        if any(moved[layer] is not d for layer, d in self.dictionary.items()):
+            self.dictionary, self._solvers = moved, {}  # solvers are rebuilt for the new device or dtype
+
+    def prepare(self) -> MOPSteerer:
+        """Build every layer's solver now (otherwise on the first token), e.g. before timing."""
+        for layer in self.layers:
+            self._solver(layer)
+        return self
+
+    def _solver(self, layer: int):
+        """The layer's solver, built once per dictionary (what every solve reuses is precomputed)."""
+        if layer not in self._solvers:
+            d = self.dictionary[layer]
+            self._solvers[layer] = (sparse_coding.ElasticNetSolver(d, self.alpha, self.tau)
+                                    if self.solver == "elastic_net" else sparse_coding.LowRankLstsq(d, self.rank))
+        return self._solvers[layer]
+
+    def codes(self, layer: int, z: torch.Tensor) -> torch.Tensor:
+        """The sparse codes c ([..., n_concepts]) of ``z`` on the layer's unit-normalised dictionary."""
+        flat = z.reshape(-1, z.shape[-1]).to(self.dictionary[layer].dtype)
+        solver = self._solver(layer)
+        c = solver.solve(flat, max_iter=self.max_iter, tol=self.tol) if self.solver == "elastic_net" else solver.solve(flat)
+        return c.reshape(*z.shape[:-1], c.shape[-1])
+
+    @torch.no_grad()
+    def delta(self, layer: int, z: torch.Tensor) -> torch.Tensor:
+        """``-sum_{K-} c_i D_i + gamma sum_{K+} D_i`` for the activation ``z`` ([..., d])."""
+        c = self.codes(layer, z)
+        delta = sparse_coding.mop_delta(self.dictionary[layer], c, self.undesirable[layer], self.desirable[layer],
+                                        self.gamma)
+        return delta.to(z.dtype)

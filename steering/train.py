@@ -1,0 +1,394 @@
+"""Training an :class:`~steering.sae.SAE` on activations (METHODS.md §3).
+
+Loss per batch: the batch's fraction of variance unexplained,
+``sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` (scale-free, so learning rates
+carry over between models), plus
+
+* TopK: the AuxK loss of Gao et al. 2024 (``dead_latent_remedy="auxk"``): the
+  ``k_aux`` dead latents with the largest pre-activations reconstruct the main
+  reconstruction's residual e, ``aux_coefficient * ||e - e_hat||^2 / ||e||^2``
+  (Gao et al.: coefficient 1/32, k_aux about d_in/2);
+* ReLU: ``l1_coefficient * mean ||c||_1 / rms(x - mean(x))`` (normalised the same way).
+
+``dead_latent_remedy="resample"`` instead re-initialises dead atoms every
+``resample_every`` steps towards the worst-reconstructed inputs of the batch
+(Anthropic's resampling), and resets their optimiser state.
+
+Decoder rows are kept unit-norm (the gradient component along each row is
+removed before the step and rows are renormalised after it), so the
+dictionary-initialised atoms stay comparable to the concept directions.
+A latent is *dead* when it has not fired on any of the last ``dead_window``
+activations (default 20 batches).
+
+The decoder uses ``torch.nn.functional.embedding_bag`` over the k active atoms
+(TopK), so decoding and its gradient cost O(k d) per activation instead of O(d_sae d).
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from pathlib import Path
+from typing import Iterable, Iterator, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+
+from steering.sae import SAE
+
+REMEDIES = ("auxk", "resample", "none")
+
+
+class TrainResult(NamedTuple):
+    """What :func:`train_sae` reports."""
+
+    fvu: float
+    """Fraction of variance unexplained over the last ``window`` training batches (before each update)."""
+    l0: float
+    """Mean number of active latents per activation over the same batches."""
+    dead_fraction: float
+    """Share of latents that did not fire on the last ``dead_window`` activations at the end."""
+    steps: int
+    """Optimiser steps taken."""
+    activations_per_s: float
+    """Training throughput: activations consumed per second of the training loop (data loading included)."""
+    history: list
+    """One dict per logged step: step, loss, fvu, aux_loss, l0, dead_fraction, lr."""
+
+
+# --------------------------------------------------------------------------- data
+
+def _as_2d_tensor(batch, where: str = "activations") -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(batch)) if not isinstance(batch, torch.Tensor) else batch
+    if t.ndim != 2:
+        raise ValueError(f"{where}: expected a [batch, d] array, got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise ValueError(f"{where}: expected floating-point activations, got {t.dtype}")
+    return t
+
+
+def rebatch(batches: Iterable, batch_size: int) -> Iterator[torch.Tensor]:
+    """Re-cut an iterable of [b, d] arrays/tensors into [batch_size, d] tensors (the last may be smaller)."""
+    pending: list[torch.Tensor] = []
+    have = 0
+    for batch in batches:
+        t = _as_2d_tensor(batch)
+        while t.shape[0]:
+            take = min(batch_size - have, t.shape[0])
+            pending.append(t[:take])
+            have += take
+            t = t[take:]
+            if have == batch_size:
+                yield pending[0] if len(pending) == 1 else torch.cat(pending)
+                pending, have = [], 0
+    if have:
+        yield torch.cat(pending)
+
+
+def _expand_paths(paths) -> list[Path]:
+    items = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    files: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted([*p.glob("*.npy"), *p.glob("*.parquet")])
+            if not found:
+                raise FileNotFoundError(f"{p} holds no *.npy or *.parquet activation files")
+            files.extend(found)
+        elif p.is_file():
+            if p.suffix not in (".npy", ".parquet"):
+                raise ValueError(f"{p}: activation files must be .npy or .parquet")
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"activation file or folder {p} does not exist")
+    return files
+
+
+def _parquet_vectors(path: Path, column: str | None) -> Iterator[np.ndarray]:
+    pf = pq.ParquetFile(path)
+    schema = pf.schema_arrow
+    if column is None:
+        candidates = [f.name for f in schema if (pa.types.is_fixed_size_list(f.type) or pa.types.is_list(f.type))
+                      and pa.types.is_floating(f.type.value_type)]
+        if len(candidates) != 1:
+            raise ValueError(f"{path}: cannot tell which column holds the activations (list-of-float columns: "
+                             f"{candidates}); pass column=...")
+        column = candidates[0]
+    elif column not in schema.names:
+        raise ValueError(f"{path}: no column {column!r}; columns: {schema.names}")
+    for rb in pf.iter_batches(columns=[column]):
+        arr = rb.column(0)
+        if arr.null_count:
+            raise ValueError(f"{path}: column {column!r} has null rows")
+        if len(arr) == 0:
+            continue
+        d = arr.type.list_size if pa.types.is_fixed_size_list(arr.type) else len(arr[0])
+        yield np.asarray(arr.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(arr), d)
+
+
+def iterate_activation_files(paths, batch_size: int, column: str | None = None) -> Iterator[torch.Tensor]:
+    """Float32 [batch_size, d] tensors from .npy ([n, d], no pickles) and/or .parquet files.
+
+    ``paths`` is a file, a folder (its *.npy and *.parquet files, sorted) or a list of
+    them. A parquet file's activations are its one list-of-float column, or ``column``.
+    """
+    files = _expand_paths(paths)
+
+    def arrays() -> Iterator[np.ndarray]:
+        d = None
+        for f in files:
+            chunks = [np.load(f, mmap_mode="r", allow_pickle=False)] if f.suffix == ".npy" \
+                else _parquet_vectors(f, column)
+            for chunk in chunks:
+                if chunk.ndim != 2:
+                    raise ValueError(f"{f}: expected a 2-D [n, d] array, got shape {chunk.shape}")
+                if d is None:
+                    d = chunk.shape[1]
+                elif chunk.shape[1] != d:
+                    raise ValueError(f"{f}: activations have dimension {chunk.shape[1]}, earlier files {d}")
+                for start in range(0, chunk.shape[0], 65536):
+                    yield np.array(chunk[start:start + 65536], dtype=np.float32)  # a writable copy
+
+    return rebatch(arrays(), batch_size)
+
+
+def _epochs(activations, batch_size: int, column: str | None) -> Iterator[Iterator[torch.Tensor]]:
+    """One batch iterator per pass over the data (a one-shot iterator gives a single pass)."""
+    if isinstance(activations, (str, Path)) or (isinstance(activations, (list, tuple)) and activations
+                                                 and all(isinstance(a, (str, Path)) for a in activations)):
+        _expand_paths(activations)  # fail early on bad paths
+        while True:
+            yield iterate_activation_files(activations, batch_size, column)
+    elif isinstance(activations, (torch.Tensor, np.ndarray)):
+        data = _as_2d_tensor(activations)
+        while True:
+            yield iter(data.split(batch_size))
+    elif iter(activations) is activations:  # a generator or other one-shot iterator
+        yield rebatch(activations, batch_size)
+    else:
+        while True:
+            yield rebatch(activations, batch_size)
+
+
+# --------------------------------------------------------------------------- training
+
+class _TopKStep(NamedTuple):
+    recon: torch.Tensor
+    pre: torch.Tensor
+    values: torch.Tensor
+    indices: torch.Tensor
+
+
+def _forward_topk(sae: SAE, x: torch.Tensor) -> _TopKStep:
+    pre = sae.pre_acts(x)
+    values, indices = pre.topk(sae.k, dim=-1, sorted=False)
+    values = values.relu()
+    recon = F.embedding_bag(indices, sae.W_dec, per_sample_weights=values, mode="sum") + sae.b_dec
+    return _TopKStep(recon, pre, values, indices)
+
+
+def _auxk_loss(sae: SAE, pre: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor, k_aux: int) -> torch.Tensor:
+    n_dead = int(dead.sum())
+    if n_dead == 0:
+        return pre.new_zeros(())
+    k = min(k_aux, n_dead)
+    values, indices = pre.masked_fill(~dead, float("-inf")).topk(k, dim=-1, sorted=False)
+    # raw pre-activations (no ReLU, as SAELens and sparsify): latents pushed below zero still get a gradient
+    e_hat = F.embedding_bag(indices, sae.W_dec, per_sample_weights=values, mode="sum")
+    return (e_hat - residual).pow(2).sum() / residual.pow(2).sum().clamp_min(1e-12)
+
+
+@torch.no_grad()
+def _project_decoder_grad(sae: SAE) -> None:
+    """Remove each decoder row's gradient component along the row (rows stay on the unit sphere)."""
+    g = sae.W_dec.grad
+    if g is not None:
+        g -= (g * sae.W_dec).sum(-1, keepdim=True) * sae.W_dec
+
+
+@torch.no_grad()
+def _normalise_decoder(sae: SAE) -> None:
+    sae.W_dec /= sae.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def _resample_dead(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, recon: torch.Tensor,
+                   dead: torch.Tensor) -> int:
+    """Point dead atoms at the worst-reconstructed inputs; returns how many were resampled."""
+    idx = torch.nonzero(dead).reshape(-1)
+    if idx.numel() == 0:
+        return 0
+    err = (x - recon).float()
+    worst = err.pow(2).sum(-1).topk(min(idx.numel(), err.shape[0])).indices
+    idx = idx[: worst.numel()]
+    new = err[worst] / err[worst].norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    alive = ~dead
+    enc_norm = sae.W_enc[:, alive].norm(dim=0).mean() if bool(alive.any()) else torch.tensor(1.0)
+    sae.W_dec[idx] = new.to(sae.W_dec.dtype)
+    sae.W_enc[:, idx] = (new.T * 0.2 * enc_norm).to(sae.W_enc.dtype)
+    sae.b_enc[idx] = 0.0
+    for p, sl in ((sae.W_dec, (idx,)), (sae.W_enc, (slice(None), idx)), (sae.b_enc, (idx,))):
+        state = opt.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                state[key][sl] = 0.0
+    return int(idx.numel())
+
+
+def train_sae(sae: SAE, activations, *, lr: float = 1e-3, steps: int | None = None, epochs: int = 1,
+              batch_size: int = 4096, dead_latent_remedy: str | None = None, k_aux: int | None = None,
+              aux_coefficient: float = 1 / 32, dead_window: int | None = None, resample_every: int = 500,
+              normalise_decoder: bool = True, init_b_dec: bool = True, window: int | None = None,
+              log_every: int = 50, progress: bool = True, device: str | torch.device | None = None,
+              column: str | None = None) -> TrainResult:
+    """Train ``sae`` in place with Adam on ``activations``; see the module docstring for the loss.
+
+    Args:
+        activations: a [n, d] tensor/array, an iterable of [b, d] batches, or activation
+            file(s)/folder(s) (see :func:`iterate_activation_files`).
+        lr: Adam learning rate (the loss is scale-free).
+        steps: optimiser steps (passes repeat as needed); None: ``epochs`` passes.
+        batch_size: activations per step.
+        dead_latent_remedy: "auxk" (TopK only), "resample" or "none"; default "auxk" for
+            TopK and "resample" for ReLU.
+        k_aux: dead latents used by AuxK (default d_in // 2).
+        aux_coefficient: AuxK weight (Gao et al.: 1/32).
+        dead_window: activations without firing after which a latent is dead (default 20 batches).
+        resample_every: steps between resamplings (remedy "resample").
+        normalise_decoder: keep decoder rows unit-norm.
+        init_b_dec: set b_dec to the mean of the first batch before training.
+        window: batches over which the final fvu/l0 are averaged (default: the last 10% of
+            ``steps``, at least 1; 10 when training by epochs).
+        log_every: steps between history entries and progress-bar updates.
+        progress: show a tqdm progress bar.
+        device: where to train (default: the SAE's device).
+        column: parquet column holding activations, when files are given.
+    """
+    if dead_latent_remedy is None:
+        dead_latent_remedy = "auxk" if sae.activation == "topk" else "resample"
+    if dead_latent_remedy not in REMEDIES:
+        raise ValueError(f"dead_latent_remedy must be one of {REMEDIES}, got {dead_latent_remedy!r}")
+    if dead_latent_remedy == "auxk" and sae.activation != "topk":
+        raise ValueError("dead_latent_remedy='auxk' needs a TopK SAE; use 'resample' for ReLU")
+    if steps is None and epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    from tqdm.auto import tqdm
+
+    device = torch.device(device) if device is not None else sae.W_enc.device
+    sae.to(device).train()
+    dtype = sae.W_enc.dtype
+    k_aux = k_aux or max(1, sae.d_in // 2)
+    dead_window = dead_window or 20 * batch_size
+    opt = torch.optim.Adam(sae.parameters(), lr=lr)
+    if normalise_decoder:
+        _normalise_decoder(sae)
+
+    since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
+    recent = collections.deque(maxlen=window if window else (max(1, steps // 10) if steps else 10))
+    history: list[dict] = []
+    step = 0
+    seen = 0
+    bar = tqdm(total=steps, disable=not progress, desc="train_sae", unit="step", leave=False)
+    t0 = time.perf_counter()
+    epoch_iters = _epochs(activations, batch_size, column)
+    for epoch, batches in enumerate(epoch_iters):
+        if steps is None and epoch >= epochs:
+            break
+        got_any = False
+        for batch in batches:
+            got_any = True
+            x = _as_2d_tensor(batch).to(device=device, dtype=dtype, non_blocking=True)
+            if x.shape[1] != sae.d_in:
+                raise ValueError(f"activations have dimension {x.shape[1]}, the SAE expects d_in={sae.d_in}")
+            if step == 0 and init_b_dec:
+                with torch.no_grad():
+                    sae.b_dec.copy_(x.mean(0))
+            centred_ss = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+            aux = x.new_zeros(())
+            if sae.activation == "topk":
+                out = _forward_topk(sae, x)
+                recon, active = out.recon, out.values > 0
+                fired_idx = out.indices[active]
+                l0_sum = float(active.sum())
+            else:
+                codes = sae.encode(x)
+                recon = sae.decode(codes)
+                fired_idx = torch.nonzero(codes.detach().sum(0) > 0).reshape(-1)
+                l0_sum = float((codes > 0).sum())
+                aux = sae.l1_coefficient * codes.sum(-1).mean() / (centred_ss / x.shape[0]).sqrt()
+            sq_err = (recon - x).pow(2).sum()
+            fvu = sq_err / centred_ss
+            dead = since_fired >= min(dead_window, max(seen, 1))
+            if sae.activation == "topk" and dead_latent_remedy == "auxk" and step > 0:
+                aux = aux_coefficient * _auxk_loss(sae, out.pre, (x - recon).detach(), dead, k_aux)
+            loss = fvu + aux
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if normalise_decoder:
+                _project_decoder_grad(sae)
+            opt.step()
+            if normalise_decoder:
+                _normalise_decoder(sae)
+            with torch.no_grad():
+                since_fired += x.shape[0]
+                since_fired[fired_idx] = 0
+            seen += x.shape[0]
+            step += 1
+            if dead_latent_remedy == "resample" and step % resample_every == 0:
+                _resample_dead(sae, opt, x, recon.detach(), since_fired >= min(dead_window, seen))
+            recent.append((float(sq_err.detach()), float(centred_ss), l0_sum, x.shape[0]))
+            if step % log_every == 0 or step == steps:
+                dead_frac = float((since_fired >= min(dead_window, seen)).float().mean())
+                entry = {"step": step, "loss": float(loss.detach()), "fvu": float(fvu.detach()), "aux_loss": float(aux.detach()),
+                         "l0": l0_sum / x.shape[0], "dead_fraction": dead_frac, "lr": lr}
+                history.append(entry)
+                bar.set_postfix(fvu=f"{entry['fvu']:.4f}", l0=f"{entry['l0']:.1f}", dead=f"{dead_frac:.3f}")
+            bar.update(1)
+            if steps is not None and step >= steps:
+                break
+        if (steps is not None and step >= steps) or not got_any:
+            break
+    elapsed = time.perf_counter() - t0
+    bar.close()
+    sae.eval()
+    if step == 0:
+        raise ValueError("train_sae: the activations were empty; nothing was trained")
+    sq, ss, l0s, n = (sum(v[i] for v in recent) for i in range(4))
+    return TrainResult(
+        fvu=sq / ss, l0=l0s / n,
+        dead_fraction=float((since_fired >= min(dead_window, seen)).float().mean()),
+        steps=step, activations_per_s=seen / elapsed if elapsed > 0 else float("inf"), history=history)
+
+
+@torch.no_grad()
+def evaluate_sae(sae: SAE, activations, batch_size: int = 4096, column: str | None = None) -> dict[str, float]:
+    """FVU (against the data's global mean), mean L0 and the share of latents that never fire, over one pass."""
+    sq = 0.0
+    count = 0
+    total = None
+    total_sq = None
+    l0 = 0.0
+    fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=sae.W_enc.device)
+    for batch in next(_epochs(activations, batch_size, column)):
+        x = _as_2d_tensor(batch).to(device=sae.W_enc.device, dtype=sae.W_enc.dtype)
+        codes = sae.encode(x)
+        sq += float((sae.decode(codes) - x).double().pow(2).sum())
+        xd = x.double()
+        total = xd.sum(0) if total is None else total + xd.sum(0)
+        total_sq = xd.pow(2).sum() if total_sq is None else total_sq + xd.pow(2).sum()
+        count += x.shape[0]
+        active = codes > 0
+        l0 += float(active.sum())
+        fired |= active.any(0)
+    if count == 0:
+        raise ValueError("evaluate_sae: the activations were empty")
+    variance = float(total_sq - total.pow(2).sum() / count)
+    return {"fvu": sq / variance, "l0": l0 / count, "dead_fraction": float((~fired).float().mean()),
+            "n": count}

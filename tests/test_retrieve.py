@@ -1,0 +1,286 @@
+"""The retrieval stage on planted synthetic embeddings (clip-retrieval layout), real faiss, real Beam runner."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.runner import run_pipeline
+from transforms.retrieve import (
+    RECONCILIATION, SCHEMA, STIMULI_RECONCILIATION, RetrieveConfig, RetrieveStimuli, build_index, daco_distance,
+    log_similarity, search,
+)
+
+D = 64
+N_BACKGROUND = 700
+PLANTED = 4  # concepts 0..3 get planted pairs; concept 4 gets duplicates; concept 5 gets nothing
+BOTH, IMG_ONLY, TXT_ONLY = 5, 5, 5
+BASE = {"k": 15, "n_negatives": 10, "candidates": 40, "min_positives": 3, "negative_pool": 300}
+
+
+def _near(rng, centre, cos):
+    """A unit vector at cosine ``cos`` from the unit vector ``centre``."""
+    u = rng.standard_normal(len(centre))
+    u -= (u @ centre) * centre
+    return cos * centre + np.sqrt(1 - cos**2) * u / np.linalg.norm(u)
+
+
+def _unit(rng, n):
+    v = rng.standard_normal((n, D))
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def write_embedding_folder(emb_dir, img, txt, keys, hashes=None, parts=2):
+    """Write clip-retrieval's layout: float16 L2-normalised npy parts and metadata parquet parts."""
+    for sub in ("img_emb", "text_emb", "metadata"):
+        (emb_dir / sub).mkdir(parents=True, exist_ok=True)
+    bounds = np.linspace(0, len(keys), parts + 1).astype(int)
+    for n, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        np.save(emb_dir / "img_emb" / f"img_emb_{n}.npy", img[a:b].astype(np.float16))
+        np.save(emb_dir / "text_emb" / f"text_emb_{n}.npy", txt[a:b].astype(np.float16))
+        columns = {"key": keys[a:b], "caption": [f"caption of {k}" for k in keys[a:b]],
+                   "url": [f"http://127.0.0.1/{k}.jpg" for k in keys[a:b]], "shard": [f"{n:05d}.tar"] * (b - a)}
+        if hashes is not None:
+            columns["sha256"] = hashes[a:b]
+        pq.write_table(pa.table(columns), emb_dir / "metadata" / f"metadata_{n}.parquet")
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """Six orthonormal concepts over 700 background pairs plus planted matches; returns what was planted."""
+    rng = np.random.default_rng(7)
+    concepts = np.linalg.qr(rng.standard_normal((D, 6)))[0].T  # orthonormal rows
+    img, txt = list(_unit(rng, N_BACKGROUND)), list(_unit(rng, N_BACKGROUND))
+    keys = [f"bg{i:04d}" for i in range(N_BACKGROUND)]
+    hashes = [f"h-bg{i}" for i in range(N_BACKGROUND)]
+    truth = {}
+
+    def plant(key, image, caption, digest=None):
+        img.append(image)
+        txt.append(caption)
+        keys.append(key)
+        hashes.append(digest or f"h-{key}")
+
+    for c in range(PLANTED):
+        both = [f"c{c}-both{j}" for j in range(BOTH)]
+        halves = [f"c{c}-img{j}" for j in range(IMG_ONLY)] + [f"c{c}-txt{j}" for j in range(TXT_ONLY)]
+        for j, key in enumerate(both):
+            plant(key, _near(rng, concepts[c], 0.85 + 0.02 * j), _near(rng, concepts[c], 0.85 + 0.02 * j))
+        for key in halves[:IMG_ONLY]:
+            plant(key, _near(rng, concepts[c], 0.97), _near(rng, concepts[c], 0.0))
+        for key in halves[IMG_ONLY:]:
+            plant(key, _near(rng, concepts[c], 0.0), _near(rng, concepts[c], 0.97))
+        truth[c] = (both, halves)
+    # concept 4: 'dup' appears twice (the better copy is the second), 'twin-a'/'twin-b' share an image hash
+    plant("c4-dup", _near(rng, concepts[4], 0.80), _near(rng, concepts[4], 0.80))
+    plant("c4-twin-a", _near(rng, concepts[4], 0.90), _near(rng, concepts[4], 0.90), digest="same-image")
+    plant("c4-twin-b", _near(rng, concepts[4], 0.88), _near(rng, concepts[4], 0.88), digest="same-image")
+    plant("c4-dup", _near(rng, concepts[4], 0.95), _near(rng, concepts[4], 0.95))
+    for j in range(3):
+        plant(f"c4-other{j}", _near(rng, concepts[4], 0.7), _near(rng, concepts[4], 0.7))
+    # shuffle so that planted pairs are spread over both parts
+    perm = rng.permutation(len(keys))
+    emb_dir = tmp_path_factory.mktemp("planted") / "embeddings"
+    write_embedding_folder(emb_dir, np.array(img)[perm], np.array(txt)[perm],
+                           [keys[i] for i in perm], [hashes[i] for i in perm])
+    ids = [f"concept{c}.n.01" for c in range(6)]
+    return {"emb_dir": str(emb_dir), "concepts": concepts.astype(np.float32), "ids": ids, "truth": truth}
+
+
+def _retrieve(planted, out, concepts=None, **options):
+    cfg = RetrieveConfig.from_dict({**BASE, **options})
+    emb = planted["concepts"] if concepts is None else concepts
+    counters = run_pipeline(lambda p: p | RetrieveStimuli(str(out), planted["emb_dir"], emb, planted["ids"], cfg))
+    rows = pq.ParquetDataset(str(out / "stimuli")).read().to_pylist() if (out / "stimuli").exists() else []
+    dead = [json.loads(line) for line in (out / "deadletter" / "retrieve.jsonl").read_text().splitlines()]
+    return rows, counters, dead
+
+
+def _by_concept(rows, role):
+    out = {}
+    for r in rows:
+        if r["role"] == role:
+            out.setdefault(r["concept_id"], []).append(r)
+    return {c: sorted(rs, key=lambda r: r["rank"]) for c, rs in out.items()}
+
+
+@pytest.fixture(scope="module")
+def exact_run(planted, tmp_path_factory):
+    return _retrieve(planted, tmp_path_factory.mktemp("exact"), max_score=0.9)
+
+
+def test_planted_pairs_are_exactly_the_positives_both_halves_first(exact_run, planted):
+    rows, _counters, _dead = exact_run
+    positives = _by_concept(rows, "positive")
+    for c in range(PLANTED):
+        both, halves = planted["truth"][c]
+        got = [r["key"] for r in positives[planted["ids"][c]]]
+        assert set(got) == set(both) | set(halves)
+        # pairs matching image AND caption outrank every pair matching one half
+        assert set(got[:BOTH]) == set(both)
+        assert [r["rank"] for r in positives[planted["ids"][c]]] == list(range(len(got)))
+
+
+def test_rows_have_design_columns_and_daco_scores(exact_run):
+    rows, _counters, _dead = exact_run
+    assert list(rows[0]) == SCHEMA.names
+    for r in rows:
+        assert 0 < r["s_img"] <= 1 and 0 < r["s_txt"] <= 1
+        expected = np.sqrt(-(np.log(r["s_img"]) + np.log(r["s_txt"])))
+        assert r["score"] == pytest.approx(expected, rel=1e-4)
+    for rs in _by_concept(rows, "positive").values():
+        scores = [r["score"] for r in rs]
+        assert scores == sorted(scores)
+
+
+def test_negatives_are_far_disjoint_from_positives_and_seeded(exact_run, planted, tmp_path):
+    rows, counters, _dead = exact_run
+    positives, negatives = _by_concept(rows, "positive"), _by_concept(rows, "negative")
+    for cid, neg in negatives.items():
+        assert len(neg) == BASE["n_negatives"]
+        assert not {r["key"] for r in neg} & {r["key"] for r in positives[cid]}
+        assert min(r["score"] for r in neg) > max(r["score"] for r in positives[cid])
+    assert counters["retrieve.negatives"] == BASE["n_negatives"] * len(negatives)
+    other, _, _ = _retrieve(planted, tmp_path, max_score=0.9, seed=1)
+    assert _by_concept(other, "positive") == positives
+    cid = planted["ids"][0]
+    assert {r["key"] for r in _by_concept(other, "negative")[cid]} != {r["key"] for r in negatives[cid]}
+
+
+def test_duplicate_keys_and_images_keep_the_best_occurrence(exact_run, planted):
+    rows, counters, _dead = exact_run
+    got = [r["key"] for r in _by_concept(rows, "positive")[planted["ids"][4]]]
+    # 'c4-dup' once (its better copy first), one of the twins (the better, 'a'), then the others
+    assert got[:2] == ["c4-dup", "c4-twin-a"]
+    assert "c4-twin-b" not in got and len(got) == len(set(got))
+    assert counters["retrieve.dedup_key"] >= 1 and counters["retrieve.dedup_image"] >= 1
+
+
+def test_concept_without_matches_is_dead_lettered_and_counts_reconcile(exact_run, planted):
+    rows, counters, dead = exact_run
+    dropped = planted["ids"][5]
+    assert dropped not in {r["concept_id"] for r in rows}
+    assert [(d["key"], d["reason"]) for d in dead] == [(dropped, "min_positives")]
+    assert "min_positives is 3" in dead[0]["detail"]
+    assert counters["retrieve.concepts_read"] == 6 and counters["retrieve.concepts_kept"] == 5
+    assert counters["retrieve.deadletter_min_positives"] == 1
+    assert RECONCILIATION.check(counters)[0] and STIMULI_RECONCILIATION.check(counters)[0]
+    assert counters["retrieve.stimuli_written"] == len(rows)
+
+
+@pytest.mark.parametrize("ann", ["ivf", "hnsw"])
+def test_approximate_index_gives_the_exact_top_results(exact_run, planted, tmp_path, ann):
+    rows, counters, _dead = _retrieve(planted, tmp_path, max_score=0.9, exact_max=100, ann=ann, nlist=16, nprobe=4)
+    exact = _by_concept(exact_run[0], "positive")
+    assert {c: [r["key"] for r in rs] for c, rs in _by_concept(rows, "positive").items()} == \
+        {c: [r["key"] for r in rs] for c, rs in exact.items()}
+
+
+def test_two_runs_write_byte_identical_stimuli_and_stale_parts_go(planted, tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    _retrieve(planted, first, concepts_per_batch=2)
+    _retrieve(planted, second, concepts_per_batch=2)
+    names = sorted(p.name for p in (first / "stimuli").iterdir())
+    assert names == [f"stimuli-{i:05d}-of-00003.parquet" for i in range(3)]
+    for name in names:
+        assert (first / "stimuli" / name).read_bytes() == (second / "stimuli" / name).read_bytes()
+    # a rerun with another batching gives the same rows and removes the earlier parts
+    rows, _, _ = _retrieve(planted, first, concepts_per_batch=4)
+    assert sorted(p.name for p in (first / "stimuli").iterdir()) == [f"stimuli-{i:05d}-of-00002.parquet" for i in range(2)]
+    assert rows == pq.ParquetDataset(str(second / "stimuli")).read().to_pylist()
+
+
+def test_bad_concept_embedding_is_dead_lettered(planted, tmp_path):
+    concepts = planted["concepts"].copy()
+    concepts[2] = 0
+    rows, counters, dead = _retrieve(planted, tmp_path, concepts=concepts)
+    assert {(d["key"], d["reason"]) for d in dead} == {(planted["ids"][2], "bad_embedding")}
+    assert planted["ids"][2] not in {r["concept_id"] for r in rows}
+    assert RECONCILIATION.check(counters)[0]
+
+
+def test_softmax_similarity_finds_the_planted_pairs(planted, tmp_path):
+    rows, _counters, _dead = _retrieve(planted, tmp_path, similarity="softmax", temperature=0.05, k=5)
+    positives = _by_concept(rows, "positive")
+    for c in range(PLANTED):
+        assert {r["key"] for r in positives[planted["ids"][c]]} == set(planted["truth"][c][0])
+
+
+def test_similarity_mapping_and_distance():
+    cfg = RetrieveConfig()
+    logs = log_similarity(np.array([1.0, 0.0, -1.0]), cfg)
+    assert np.exp(logs) == pytest.approx([1.0, 0.5, 1e-6])
+    assert daco_distance(np.log(0.5), np.log(0.5)) == pytest.approx(np.sqrt(2 * np.log(2)))
+
+
+def test_ivf_index_recall_on_clusters():
+    rng = np.random.default_rng(0)
+    centres = _unit(rng, 20)
+    x = centres[rng.integers(0, 20, 4000)] + 0.1 * rng.standard_normal((4000, D))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    cfg = RetrieveConfig.from_dict({"exact_max": 1000, "nlist": 32, "nprobe": 8})
+    exact = search(build_index(x, cfg, kind="flat"), centres, 50)
+    approx = search(build_index(x, cfg), centres, 50)
+    recall = np.mean([len(set(a) & set(e)) / 50 for a, e in zip(approx, exact)])
+    assert recall >= 0.95
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"kk": 3}, "unknown option"), ({"k": 0}, "k must be >= 1"), ({"similarity": "dot"}, "similarity"),
+    ({"min_positives": 40}, "cannot exceed k"), ({"ann": "pq"}, "ann must be"), ({"use_gpu": True}, "use_gpu"),
+])
+def test_config_rejects_bad_options(bad, message):
+    with pytest.raises(ValueError, match=message):
+        RetrieveConfig.from_dict(bad)
+
+
+def test_mismatched_folder_is_reported_with_the_file(planted, tmp_path):
+    emb = tmp_path / "embeddings"
+    rng = np.random.default_rng(0)
+    write_embedding_folder(emb, _unit(rng, 10), _unit(rng, 10), [f"k{i}" for i in range(10)])
+    (emb / "text_emb" / "text_emb_1.npy").unlink()
+    cfg = RetrieveConfig.from_dict(BASE)
+    with pytest.raises(Exception, match="text_emb_1.npy: missing"):
+        run_pipeline(lambda p: p | RetrieveStimuli(str(tmp_path), str(emb), planted["concepts"], planted["ids"], cfg))
+
+
+# ---------------------------------------------------------------- the daco retrieve command
+
+CLI_OPTIONS = ["--demo-clip", "--k", "5", "--n-negatives", "5", "--candidates", "20", "--min-positives", "2"]
+
+
+def _cli(*argv):
+    from pipeline.cli import main
+
+    return main(["retrieve", *map(str, argv), *CLI_OPTIONS])
+
+
+def test_cli_supplied_embeddings_give_the_same_stimuli_as_computing_them(small_corpus, tmp_path):
+    concepts = small_corpus / "concepts.parquet"
+    assert _cli("--concepts", concepts, "--shards", small_corpus / "shards" / "*.tar", "--out", tmp_path / "a") == 0
+    assert _cli("--concepts", concepts, "--embeddings", tmp_path / "a" / "embeddings", "--out", tmp_path / "b") == 0
+    part = "stimuli/stimuli-00000-of-00001.parquet"
+    assert (tmp_path / "a" / part).read_bytes() == (tmp_path / "b" / part).read_bytes()
+    table = pq.read_table(tmp_path / "a" / part)
+    truth = pq.read_table(small_corpus / "corpus_truth.parquet").to_pylist()
+    n_concepts = pq.read_table(concepts).num_rows
+    assert table.num_rows == n_concepts * 10
+    assert set(table.column("key").to_pylist()) <= {t["key"] for t in truth}
+    provenance = json.loads(table.schema.metadata[b"daco"])
+    assert provenance["untrained"] is True and provenance["clip"]["model_name"] == "daco-tiny-clip"
+
+
+def test_cli_rejects_embeddings_of_another_dimension_before_running(planted, tmp_path):
+    rng = np.random.default_rng(0)
+    emb = tmp_path / "emb32"
+    vectors = rng.standard_normal((8, 32))
+    write_embedding_folder(emb, vectors, vectors, [f"k{i}" for i in range(8)], parts=1)
+    concepts = tmp_path / "concepts.parquet"
+    pq.write_table(pa.table({"concept_id": ["dog.n.01"], "lemma": ["dog"], "definition": ["a dog"]}), concepts)
+    with pytest.raises(SystemExit, match="dimension 32 but CLIP daco-tiny-clip embeds concepts in 64"):
+        _cli("--concepts", concepts, "--embeddings", emb, "--out", tmp_path / "out")
+    with pytest.raises(SystemExit, match="--shards is required"):
+        _cli("--concepts", concepts, "--out", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,297 @@
+"""Activation stage: stimuli -> pooled MLLM activations per (concept, layer, role) (METHODS.md §1.3).
+
+Each stimulus (its image and caption, in the model's chat template around
+``prompt_template``) runs once through the frozen MLLM, however many concepts use
+it; the residual stream after each configured decoder layer is pooled over token
+positions (``mean`` / ``caption`` / ``last``, see steering/capture.py), with a
+forward that stops after the deepest hooked layer. Model-family specifics live in
+the adapters (steering/models/); nothing here branches on a model name.
+
+Beam graph: stimuli rows and shard records are joined by key (one element per
+distinct image), a ``RunInference`` stage with :class:`MLLMActivationHandler`
+(one model per worker process; one per GPU, shared across processes, on GPU
+workers) computes the pooled vectors, and each is emitted once per (concept,
+role) that uses the stimulus, keyed as the directions stage expects:
+``((concept_id, layer, role), (key, vector))``.
+
+Counters (namespace ``activations``): ``stimuli`` (stimulus rows read),
+``images`` (distinct images run), ``deadletter_missing_record`` (a stimulus whose
+key no shard holds), ``deadletter_inference`` (a stimulus whose image the model
+failed on, after retrying it alone), ``stimuli_emitted`` (stimulus rows whose
+vectors went out) and ``emitted`` (vectors out: one per emitted row and layer).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
+
+from steering.capture import DEFAULT_LAYERS, POOLINGS, capture
+from steering.models import default_dtype, get_adapter, is_untrained
+from transforms.config import StageConfig
+from transforms.counters import Reconciliation
+from transforms.deadletter import DEAD, WriteDeadLetters, dead_letter
+from transforms.progress import ProgressLog
+
+NAMESPACE = "activations"
+
+
+@dataclass
+class MLLMConfig(StageConfig):
+    """Options of the activation stage (the ``mllm:`` section of a config file).
+
+    Attributes:
+        model_id: a Hugging Face model id or local folder (``from_pretrained``); None builds
+            the tiny seeded model of ``family`` offline (flagged untrained).
+        family: the adapter family/model_type for the untrained model (qwen2_vl, qwen2_5_vl,
+            llava, llava_next, internvl); with ``model_id`` the model's own config decides.
+        untrained_size: config overrides for the untrained model (e.g. num_hidden_layers).
+        layers: decoder layers whose residual stream is pooled (the paper: 15-19).
+        pooling: "mean" over attended tokens, "caption" tokens only, or "last" token.
+        prompt_template: user text around the caption; must contain ``{caption}`` once.
+        batch_size: stimuli per forward (batches are sorted by caption length first).
+        device: "auto" (first GPU when present), "cpu", "cuda", "cuda:N".
+        seed: seed of the untrained model.
+        trust_remote_code: passed to ``from_pretrained`` only when set.
+    """
+
+    model_id: str | None = None
+    family: str = "qwen2_vl"
+    untrained_size: dict = field(default_factory=dict)
+    layers: list[int] = field(default_factory=lambda: list(DEFAULT_LAYERS))
+    pooling: str = "mean"
+    prompt_template: str = "{caption}"
+    batch_size: int = 8
+    device: str = "auto"
+    seed: int = 0
+    trust_remote_code: bool = False
+
+    def validate(self, where: str) -> None:
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"{where}.pooling: {self.pooling!r} is not one of {POOLINGS}")
+        if self.batch_size < 1:
+            raise ValueError(f"{where}.batch_size must be >= 1, got {self.batch_size}")
+        if not self.layers:
+            raise ValueError(f"{where}.layers: give at least one decoder layer")
+        if self.prompt_template.count("{caption}") != 1:
+            raise ValueError(f"{where}.prompt_template must contain {{caption}} exactly once, got {self.prompt_template!r}")
+        get_adapter(self.model_type_hint())  # unknown family: error listing the supported ones
+
+    def model_type_hint(self) -> str:
+        """The adapter key to use before the model is loaded."""
+        return self.family
+
+
+def resolve_device(device: str) -> str:
+    """The torch device ("auto": the first GPU when present)."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+@dataclass
+class LoadedMLLM:
+    """A loaded model with its processor and adapter (a class, so Beam can share it by weak reference)."""
+
+    model: Any
+    processor: Any
+    adapter: Any
+
+    def __iter__(self):
+        return iter((self.model, self.processor, self.adapter))
+
+
+def load_mllm(cfg: MLLMConfig) -> LoadedMLLM:
+    """The model, processor and adapter for ``cfg``: ``from_pretrained`` when ``model_id`` is set,
+    else the adapter's tiny seeded model (``untrained``)."""
+    device = resolve_device(cfg.device)
+    if cfg.model_id:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(cfg.model_id, trust_remote_code=cfg.trust_remote_code)
+        adapter = get_adapter(config)
+        model, processor = adapter.load(cfg.model_id, dtype=default_dtype(device), device=device,
+                                        trust_remote_code=cfg.trust_remote_code)
+    else:
+        adapter = get_adapter(cfg.family)
+        model, processor = adapter.build_untrained(cfg.seed, **cfg.untrained_size)
+        model = model.to(device)
+    adapter.check_layers(model, cfg.layers)
+    return LoadedMLLM(model, processor, adapter)
+
+
+def check_model(cfg: MLLMConfig) -> dict:
+    """Load the model once in the launcher, so a bad id or a layer the model lacks fails
+    before any pipeline work; returns what metadata.json records about it."""
+    model, _processor, adapter = load_mllm(cfg)
+    return {
+        "model_id": cfg.model_id or f"untrained:{adapter.family}",
+        "family": adapter.family,
+        "model_class": type(model).__name__,
+        "num_layers": adapter.num_layers(model),
+        "hidden_size": int(getattr(model.config, "text_config", model.config).hidden_size),
+        "untrained": is_untrained(model),
+        "layers": sorted(cfg.layers),
+        "pooling": cfg.pooling,
+        "prompt_template": cfg.prompt_template,
+        "seed": cfg.seed,
+    }
+
+
+def pooled_activations(model, processor, adapter, cfg: MLLMConfig, stimuli: Sequence[tuple[bytes, str]]) -> list[dict]:
+    """Pooled vectors ``{layer: float32 array}`` for (image bytes, caption) stimuli, in input order.
+
+    Stimuli are sorted by caption length and run ``batch_size`` at a time (less padding);
+    a batch that fails is retried one stimulus at a time, and a stimulus that still fails
+    gets ``{"error": message}`` instead of vectors.
+    """
+    from PIL import Image
+
+    def run(indices: list[int]) -> list[dict]:
+        images = []
+        for i in indices:
+            with Image.open(io.BytesIO(stimuli[i][0])) as img:
+                images.append(img.convert("RGB"))
+        inputs = adapter.build_inputs(processor, images, [stimuli[i][1] for i in indices], cfg.prompt_template)
+        inputs = inputs.to(model.device)
+        pooled = capture(model, adapter, inputs, cfg.layers, cfg.pooling)
+        return [{layer: pooled[layer][j].float().cpu().numpy() for layer in pooled} for j in range(len(indices))]
+
+    order = sorted(range(len(stimuli)), key=lambda i: (len(stimuli[i][1]), i))
+    results: list[dict | None] = [None] * len(stimuli)
+    for start in range(0, len(order), cfg.batch_size):
+        chunk = order[start:start + cfg.batch_size]
+        try:
+            for i, out in zip(chunk, run(chunk)):
+                results[i] = out
+        except Exception:  # noqa: BLE001 - find the stimulus at fault: retry one by one
+            for i in chunk:
+                try:
+                    results[i] = run([i])[0]
+                except Exception as exc:  # noqa: BLE001 - this stimulus's failure, dead-lettered
+                    results[i] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+    return results
+
+
+class MLLMActivationHandler(ModelHandler):
+    """Beam ModelHandler: (image bytes, caption) -> {layer: pooled vector} with a frozen MLLM."""
+
+    def __init__(self, cfg: MLLMConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def load_model(self):
+        return load_mllm(self.cfg)
+
+    def run_inference(self, batch: Sequence, model, inference_args=None) -> Iterable[PredictionResult]:
+        vectors = pooled_activations(*model, self.cfg, list(batch))
+        return [PredictionResult(example, out) for example, out in zip(batch, vectors)]
+
+    def batch_elements_kwargs(self):
+        # a RunInference batch holds several model batches, so sorting by length pays off
+        return {"min_batch_size": 1, "max_batch_size": 4 * self.cfg.batch_size}
+
+    def share_model_across_processes(self) -> bool:
+        return resolve_device(self.cfg.device) != "cpu"
+
+    def model_copies(self) -> int:
+        return 1
+
+    def get_metrics_namespace(self) -> str:
+        return "activations_inference"
+
+
+class _JoinStimuli(beam.DoFn):
+    """(key, {records, uses}) -> ((key, uses), (image, caption)) once per distinct image."""
+
+    def __init__(self):
+        self.images = Metrics.counter(NAMESPACE, "images")
+
+    def process(self, element):
+        key, grouped = element
+        uses = sorted(set(grouped["uses"]))
+        records = list(grouped["records"])
+        if not uses:
+            return
+        if not records:
+            for concept_id, role, shard in uses:
+                yield dead_letter(NAMESPACE, shard, key, "missing_record",
+                                  f"stimulus of {concept_id} ({role}) names a key that no shard holds")
+            return
+        record = records[0]
+        self.images.inc()
+        yield (key, tuple(uses)), (record["jpg"], record["caption"])
+
+
+class _EmitVectors(beam.DoFn):
+    """One ((concept_id, layer, role), (key, vector)) per use of the stimulus and layer."""
+
+    def __init__(self):
+        self.emitted = Metrics.counter(NAMESPACE, "emitted")
+        self.kept = Metrics.counter(NAMESPACE, "stimuli_emitted")
+
+    def setup(self):
+        self.progress = ProgressLog(NAMESPACE, "images")
+
+    def process(self, element):
+        (key, uses), result = element
+        self.progress.update()
+        vectors = result.inference
+        if "error" in vectors:
+            for concept_id, role, shard in uses:
+                yield dead_letter(NAMESPACE, shard, key, "inference", f"{concept_id} ({role}): {vectors['error']}")
+            return
+        for concept_id, role, _shard in uses:
+            self.kept.inc()
+            for layer, vector in sorted(vectors.items()):
+                self.emitted.inc()
+                yield (concept_id, int(layer), role), (key, vector)
+
+
+class ComputeActivations(beam.PTransform):
+    """``{"records": shard records, "stimuli": stimulus rows}`` -> activation elements for
+    :class:`transforms.directions.ComputeDirections`; dead letters to OUT/deadletter/activations.jsonl."""
+
+    def __init__(self, out_dir: str, cfg: MLLMConfig):
+        super().__init__()
+        self.out_dir = out_dir
+        self.cfg = cfg
+
+    def expand(self, inputs):
+        stimuli_count = Metrics.counter(NAMESPACE, "stimuli")
+
+        def use(row):
+            stimuli_count.inc()
+            return row["key"], (row["concept_id"], row["role"], row.get("shard", ""))
+
+        uses = inputs["stimuli"] | "KeyStimuli" >> beam.Map(use)
+        records = inputs["records"] | "KeyRecords" >> beam.Map(lambda r: (r["key"], r))
+        joined = (
+            {"records": records, "uses": uses}
+            | "JoinByKey" >> beam.CoGroupByKey()
+            | "OnePerImage" >> beam.ParDo(_JoinStimuli()).with_outputs(DEAD, main="images")
+        )
+        handler = KeyedModelHandler(MLLMActivationHandler(self.cfg))
+        vectors = (
+            joined.images
+            | "RunMLLM" >> RunInference(handler)
+            | "EmitVectors" >> beam.ParDo(_EmitVectors()).with_outputs(DEAD, main="vectors")
+        )
+        (
+            (joined[DEAD], vectors[DEAD])
+            | "DeadLetters" >> beam.Flatten()
+            | "WriteDeadLetters" >> WriteDeadLetters(self.out_dir, NAMESPACE)
+        )
+        return vectors.vectors
+
+
+RECONCILIATION = Reconciliation(NAMESPACE, "stimuli", ("deadletter_missing_record", "deadletter_inference", "stimuli_emitted"))
+"""Every stimulus row is dead-lettered (no image / the model failed on it) or emitted (once per layer)."""
