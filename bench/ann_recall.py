@@ -46,8 +46,9 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def synthetic_corpus(n_pairs: int, n_concepts: int, seed: int = 0, chunk: int = 100_000):
-    """(pairs float16 [n_pairs, 512], queries float32 [n_concepts, 512]), both L2-normalised."""
+def synthetic_corpus(n_pairs: int, n_concepts: int, noise: float = 1.6, seed: int = 0, chunk: int = 100_000):
+    """(pairs float16 [n_pairs, 512], queries float32 [n_concepts, 512]), both L2-normalised.
+    ``noise``: norm of each pair's isotropic noise relative to its unit concept centre (higher: harder)."""
     rng = np.random.default_rng(seed)
     mu_img, mu_txt = _unit(rng.standard_normal((2, DIM), dtype=np.float32))
     groups = _unit(rng.standard_normal((GROUPS, DIM), dtype=np.float32))
@@ -61,7 +62,7 @@ def synthetic_corpus(n_pairs: int, n_concepts: int, seed: int = 0, chunk: int = 
         concept = rng.choice(n_concepts, m, p=popularity)
         background = rng.random(m) < 0.1
         base = np.where(background[:, None], groups[group_of[concept]], centres[concept])
-        noise = rng.standard_normal((m, DIM), dtype=np.float32) * (1.2 / np.sqrt(DIM))
+        noise = rng.standard_normal((m, DIM), dtype=np.float32) * (noise / np.sqrt(DIM))
         noise[background] *= 1.25
         pairs[start:start + m] = _unit(0.6 * mu_img + base + noise)
     queries = _unit(0.6 * mu_txt + centres + rng.standard_normal((n_concepts, DIM), dtype=np.float32) * (0.5 / np.sqrt(DIM)))
@@ -96,6 +97,9 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=None, help="concept queries (default 15,000; --quick 2,000)")
     parser.add_argument("--exact-queries", type=int, default=1500,
                         help="queries searched exactly (the recall and timing subsample; --full: all)")
+    parser.add_argument("--noise", type=float, default=1.6,
+                        help="pair noise norm relative to the concept centre (1.6: own-concept pairs at cosine ~0.4 "
+                        "to their concept's query; higher is harder)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (medians)")
     parser.add_argument("--ann", choices=["ivf", "hnsw"], default="ivf")
     parser.add_argument("--nlist", type=int, default=None, help="IVF lists (default: the stage's, 2*sqrt(n))")
@@ -111,7 +115,7 @@ def main() -> None:
         options["nprobe"] = args.nprobe
     cfg = RetrieveConfig.from_dict(options)
 
-    t_data, (pairs, queries) = timed(lambda: synthetic_corpus(n_pairs, n_queries))
+    t_data, (pairs, queries) = timed(lambda: synthetic_corpus(n_pairs, n_queries, args.noise))
     print(f"data: {n_pairs:,} pairs x {DIM} (float16), {n_queries:,} queries ({t_data:.1f}s)", flush=True)
     n_exact = n_queries if args.full else min(args.exact_queries, n_queries)
     subset = np.sort(np.random.default_rng(1).choice(n_queries, n_exact, replace=False))
@@ -145,7 +149,7 @@ def main() -> None:
     print(f"{cfg.ann}: all {n_queries:,} queries in {t_all:.1f}s", flush=True)
 
     result = {
-        "pairs": n_pairs, "dim": DIM, "queries": n_queries, "exact_queries": n_exact, "top": TOP,
+        "pairs": n_pairs, "dim": DIM, "noise": args.noise, "queries": n_queries, "exact_queries": n_exact, "top": TOP,
         "index": cfg.ann, "nlist": ivf_nlist(n_pairs, cfg) if cfg.ann == "ivf" else None,
         "nprobe": cfg.nprobe if cfg.ann == "ivf" else None,
         "hnsw": {"m": cfg.hnsw_m, "ef_search": cfg.ef_search} if cfg.ann == "hnsw" else None,

@@ -6,7 +6,8 @@ batch size, for the same number of activations, from the same ``.npy`` file on d
 * ours: ``train_sae(SAE.random(...), path)`` (AuxK dead-latent loss, unit decoder rows,
   sparse decoding through ``embedding_bag``), in a fresh ``.venv`` interpreter;
 * SAELens: ``TopKTrainingSAE`` + ``SAETrainer(...).fit()`` with its defaults otherwise
-  (AuxK, decoder-norm rescaling, gradient clipping, wandb off), in a fresh interpreter
+  (AuxK, decoder-norm rescaling, gradient clipping; constant learning rate, a dead-latent
+  window of 20 steps like ours, wandb off), in a fresh interpreter
   of SAELens's own environment ``bench/.venvs/saelens`` (created on first use, see
   bench/saelens_compat.py), fed an iterator over the same file's batches.
 
@@ -93,7 +94,9 @@ def batches():  # the same file, batch after batch, pass after pass (as ours rea
 
 sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=int(d_in), d_sae=int(d_sae), k=int(k)))
 cfg = SAETrainerConfig(total_training_samples=steps * batch, train_batch_size_samples=batch, lr=float(lr),
-                       device="cpu", logger=LoggingConfig(log_to_wandb=False))
+                       lr_end=float(lr), lr_scheduler_name="constant", device="cpu",
+                       dead_feature_window=20,  # steps; ours: 20 batches
+                       logger=LoggingConfig(log_to_wandb=False))
 trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=batches())
 start = time.perf_counter()
 trainer.fit()

@@ -19,7 +19,8 @@ Per generated token means per decode step: a streamer timestamps every new token
 the steps after the first are averaged (the first token's time, which includes the
 prefill, is reported apart). Rounds interleave the methods (their order rotates each
 round); figures are medians over rounds, plus the median of each round's ratio to that
-round's plain run ("paired"). The DACO overhead is printed last. JSON goes to
+round's plain run ("paired"), in wall-clock time and in this process's CPU time (less
+sensitive to other processes on a shared machine). The DACO overhead is printed last. JSON goes to
 bench/results/steer_overhead.json.
 
     .venv/bin/python bench/steer_overhead.py            # default: a few minutes on 2 idle cores
@@ -45,31 +46,30 @@ RESULTS = Path(__file__).parent / "results" / "steer_overhead.json"
 LAYERS = (15, 16, 17, 18, 19)
 MODEL_SIZE = dict(hidden_size=1024, intermediate_size=5376, num_hidden_layers=24, num_attention_heads=16,
                   num_key_value_heads=4)
-PROMPT = "Describe the picture: a man with a knife and a gun is standing next to a burning car in the street."
-CALIBRATION_PROMPTS = [
-    "a dog sitting on the beach next to a red ball", "two people riding bikes down a city street at night",
-    "smoke and fire coming out of a broken building", "a child holding a cake with candles at a table",
-    "a man holding a gun in a dark room", "a woman walking in a field of yellow flowers under a blue sky",
-    "blood on the road after a car accident", "a group of young people playing a game in the snow",
-    "a knife next to a plate of food on a wooden table", "a train crossing a river over a small old bridge",
-    "a dirty window in an old house with a black cat", "a boat on the sea near a mountain with clouds",
-]
+PROMPT = "a man with a knife next to a burning car"
+CALIBRATION_SUBJECTS = ["a man", "a woman", "a child", "two people", "a dog", "a black cat", "a group of young people",
+                        "an old man"]
+CALIBRATION_SCENES = ["holding a gun in a dark room", "sitting on the beach next to a red ball",
+                      "walking in a field of yellow flowers under a blue sky", "standing near blood on the road",
+                      "eating cake at a wooden table", "riding a bike down a city street at night"]
+CALIBRATION_PROMPTS = [f"{who} {scene}" for who in CALIBRATION_SUBJECTS for scene in CALIBRATION_SCENES]
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--full", action="store_true", help="7 rounds, 32 new tokens, 3 MOP rounds")
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds of every method (default 3; --full 7)")
-    parser.add_argument("--new-tokens", type=int, default=None, help="tokens generated per run (default 12; --full 32)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds of every method (default 4; --full 7)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="tokens generated per run (default 10; --full 32)")
     parser.add_argument("--atoms", type=int, default=15000, help="SAE width and MOP dictionary size (default 15000)")
     parser.add_argument("--k", type=int, default=64, help="TopK k of the SAE (default 64)")
     parser.add_argument("--mop-rounds", type=int, default=None, help="timed MOP rounds (default 1; --full 3)")
     parser.add_argument("--mop-iters", type=int, default=20, help="FISTA iterations per MOP solve (default 20)")
     parser.add_argument("--mop-new-tokens", type=int, default=6, help="tokens generated per MOP run (default 6)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
-    args.rounds = args.rounds or (7 if args.full else 3)
-    args.new_tokens = args.new_tokens or (32 if args.full else 12)
+    args.rounds = args.rounds or (7 if args.full else 4)
+    args.new_tokens = args.new_tokens or (32 if args.full else 10)
     if min(args.new_tokens, args.mop_new_tokens) < 2:
         parser.error("--new-tokens and --mop-new-tokens must be at least 2 (decode steps are timed after the first token)")
     args.mop_rounds = args.mop_rounds or (3 if args.full else 1)
@@ -82,33 +82,38 @@ def text_inputs(tokenizer, prompts):
 
 
 class StepClock:
-    """A ``generate`` streamer that timestamps each new token, so decode steps are timed apart from prefill."""
+    """A ``generate`` streamer that timestamps each new token (wall clock and this process's CPU time)."""
 
     def __init__(self):
-        self.stamps: list[float] = []
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
 
-    def put(self, value):
-        self.stamps.append(time.perf_counter())  # first call: the prompt; then one call per new token
+    def put(self, value):  # first call: the prompt; then one call per new token
+        self.wall.append(time.perf_counter())
+        self.cpu.append(time.process_time())
 
     def end(self):
         pass
 
 
-def time_generation(model, inputs, new_tokens) -> tuple[float, float]:
-    """(seconds to the first new token (prefill), mean seconds per later new token (one decode step each))."""
+def time_generation(model, inputs, new_tokens) -> dict[str, float]:
+    """Seconds to the first new token (prefill), and wall and CPU seconds per later token (one decode step each)."""
     clock = StepClock()
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                              streamer=clock)
-    assert out.shape[1] - inputs["input_ids"].shape[1] == new_tokens and len(clock.stamps) == new_tokens + 1
-    first, last = clock.stamps[1], clock.stamps[-1]
-    return first - start, (last - first) / (new_tokens - 1)
+    assert out.shape[1] - inputs["input_ids"].shape[1] == new_tokens and len(clock.wall) == new_tokens + 1
+    steps = new_tokens - 1
+    return {"prefill": clock.wall[1] - start, "decode": (clock.wall[-1] - clock.wall[1]) / steps,
+            "decode_cpu": (clock.cpu[-1] - clock.cpu[1]) / steps}
 
 
 def main():
     args = parse_args()
     torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     model, tokenizer = get_adapter("qwen2").build_untrained(seed=args.seed, **MODEL_SIZE)
     n_params = sum(p.numel() for p in model.parameters())
@@ -150,36 +155,35 @@ def main():
 
     names = list(steerers)
     timed("plain")  # warm-up, untimed
-    prefill: dict[str, list[float]] = {name: [] for name in names}
-    decode: dict[str, list[float]] = {name: [] for name in names}
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     for r in range(args.rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
             if name == "mop" and r >= args.mop_rounds:
                 continue
-            first, step = timed(name)
-            prefill[name].append(first)
-            decode[name].append(step)
-        print(f"round {r + 1}/{args.rounds} decode ms/token: "
-              + ", ".join(f"{n} {decode[n][-1] * 1e3:.0f}" for n in names if len(decode[n]) > r), flush=True)
+            runs[name].append(timed(name))
+        print(f"round {r + 1}/{args.rounds} decode ms/token (wall / cpu): "
+              + ", ".join(f"{n} {runs[n][-1]['decode'] * 1e3:.0f} / {runs[n][-1]['decode_cpu'] * 1e3:.0f}"
+                          for n in names if len(runs[n]) > r), flush=True)
 
-    plain = statistics.median(decode["plain"])
-    rows = {}
-    for name in names:
-        median = statistics.median(decode[name])
-        paired = [t / decode["plain"][i] - 1 for i, t in enumerate(decode[name])]  # same round
-        rows[name] = {"decode_ms_per_token": median * 1e3, "overhead_pct": (median / plain - 1) * 100,
-                      "paired_overhead_pct_median": statistics.median(paired) * 100,
-                      "prefill_ms_median": statistics.median(prefill[name]) * 1e3,
-                      "prefill_overhead_pct": (statistics.median(prefill[name]) / statistics.median(prefill["plain"]) - 1) * 100,
-                      "rounds_decode_ms": [t * 1e3 for t in decode[name]]}
+    def summary(name, key):
+        values = [run[key] for run in runs[name]]
+        base = [run[key] for run in runs["plain"]]
+        median = statistics.median(values)
+        return {"ms": median * 1e3, "overhead_pct": (median / statistics.median(base) - 1) * 100,
+                "paired_overhead_pct": statistics.median(v / base[i] - 1 for i, v in enumerate(values)) * 100,
+                "rounds_ms": [v * 1e3 for v in values]}
+
+    rows = {name: {"decode_wall": summary(name, "decode"), "decode_cpu": summary(name, "decode_cpu"),
+                   "prefill_wall": summary(name, "prefill")} for name in names}
     paper = {"daco": 14.6, "actadd": 10.8, "mop": 49.4}
-    print(f"\n{'method':<12} {'decode ms/token':>15} {'overhead':>9} {'paired':>8} {'prefill ms':>11} {'prefill':>8} {'paper':>7}")
+    print(f"\n{'method':<11} {'decode ms/token':>15} {'overhead':>9} {'paired':>8} {'cpu ms/token':>13} "
+          f"{'cpu ovh':>8} {'prefill ms':>11} {'paper':>7}")
     for name, row in rows.items():
+        wall, cpu, pre = row["decode_wall"], row["decode_cpu"], row["prefill_wall"]
         ref = f"+{paper[name]:.1f}%" if name in paper else ""
-        print(f"{name:<12} {row['decode_ms_per_token']:>15.1f} {row['overhead_pct']:>+8.1f}% "
-              f"{row['paired_overhead_pct_median']:>+7.1f}% {row['prefill_ms_median']:>11.0f} "
-              f"{row['prefill_overhead_pct']:>+7.1f}% {ref:>7}")
+        print(f"{name:<11} {wall['ms']:>15.1f} {wall['overhead_pct']:>+8.1f}% {wall['paired_overhead_pct']:>+7.1f}% "
+              f"{cpu['ms']:>13.1f} {cpu['overhead_pct']:>+7.1f}% {pre['ms']:>11.0f} {ref:>7}")
     print("calibrated TopK vs exact TopK on the undesirable atoms (held-out activations):")
     for layer, rep in reports.items():
         print(f"  layer {layer}: agreement {rep.agreement:.4f}, tokens fully agreeing {rep.token_agreement:.3f}, "
@@ -202,9 +206,11 @@ def main():
         "goal": "daco overhead_pct <= 5",
     }, indent=2) + "\n")
     print(f"wrote {RESULTS}")
-    print(f"DACO steering overhead per generated token (decode step): {rows['daco']['overhead_pct']:+.1f}% "
-          f"(paired median {rows['daco']['paired_overhead_pct_median']:+.1f}%; goal <= +5%; paper +14.6%; "
-          f"exact full-encode path {rows['daco_exact']['overhead_pct']:+.1f}%)")
+    daco, exact = rows["daco"], rows["daco_exact"]
+    print(f"DACO steering overhead per generated token (decode step, median wall clock): "
+          f"{daco['decode_wall']['overhead_pct']:+.1f}% (paired {daco['decode_wall']['paired_overhead_pct']:+.1f}%, "
+          f"CPU time {daco['decode_cpu']['overhead_pct']:+.1f}%; exact full-encode path "
+          f"{exact['decode_wall']['overhead_pct']:+.1f}%; goal <= +5%, paper +14.6%)")
 
 
 if __name__ == "__main__":

@@ -18,12 +18,12 @@ Everything a stage needs is checked (config, shards, model, layers) before phase
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-import pyarrow.parquet as pq
 
 from pipeline.config import load_config_file, section
 from pipeline.runner import print_summary, run_pipeline
@@ -104,12 +104,27 @@ def _read_stimuli(path: str):
     yield from fileio.read_parquet(path).to_pylist()
 
 
+def main_graph(p, *, out: str, shards_pattern: str, emb_dir: str, compute_embeddings: bool,
+               concept_emb_path: str, concept_ids: list[str], cfg: BuildConfig) -> None:
+    """The main Beam graph: shards -> CLIP embeddings (unless given) -> retrieval -> stimuli
+    -> MLLM activations -> directions -> ``OUT/dictionary/``."""
+    import apache_beam as beam
+
+    from transforms.write import WriteDictionary
+
+    records = p | "ReadShards" >> shards.ReadShards(shards_pattern, out)
+    after = records | "ComputeEmbeddings" >> embed.ComputeEmbeddings(out, cfg.clip) if compute_embeddings else None
+    stimuli_paths = p | "RetrieveStimuli" >> retrieve.RetrieveStimuli(
+        out, emb_dir, concept_emb_path, concept_ids, cfg.retrieve, after=after)
+    stimuli = stimuli_paths | "ReadStimuli" >> beam.FlatMap(_read_stimuli)
+    vectors = {"records": records, "stimuli": stimuli} | "Activations" >> activations.ComputeActivations(out, cfg.mllm)
+    vectors | "Directions" >> directions.ComputeDirections(out) | "WriteDictionary" >> WriteDictionary(out)
+
+
 def run_build(cfg: BuildConfig, out: str, shards_pattern: str | None, embeddings_dir: str | None,
               beam_args: list[str]) -> int:
     """Run every phase into ``out``; prints the summary; returns the exit code."""
-    import apache_beam as beam
-
-    from transforms.write import WriteDictionary, write_dataset_card, write_metadata
+    from transforms.write import write_dataset_card, write_metadata
     from transforms.wordnet import find_wordnet
 
     find_wordnet(cfg.concepts.wordnet_dir)
@@ -138,7 +153,7 @@ def run_build(cfg: BuildConfig, out: str, shards_pattern: str | None, embeddings
         shards_pattern = str(Path(corpus_dir) / "shards" / "*.tar")
 
     _step("phase 3/4: concept text embeddings")
-    table = pq.read_table(concepts_path) if "://" not in concepts_path else fileio.read_parquet(concepts_path)
+    table = fileio.read_parquet(concepts_path)
     concept_ids = table.column("concept_id").to_pylist()
     concept_emb = embed.embed_concepts(table, clip)
     emb_path = fileio.join(out, "concept_embeddings.npy")
@@ -147,16 +162,10 @@ def run_build(cfg: BuildConfig, out: str, shards_pattern: str | None, embeddings
     _step("phase 4/4: shards -> embeddings -> retrieval -> activations -> directions")
     emb_dir = embeddings_dir or fileio.join(out, "embeddings")
 
-    def main_graph(p):
-        records = p | "ReadShards" >> shards.ReadShards(shards_pattern, out)
-        after = None if embeddings_dir else records | "ComputeEmbeddings" >> embed.ComputeEmbeddings(out, cfg.clip)
-        stimuli_paths = p | "RetrieveStimuli" >> retrieve.RetrieveStimuli(
-            out, emb_dir, emb_path, concept_ids, cfg.retrieve, after=after)
-        stimuli = stimuli_paths | "ReadStimuli" >> beam.FlatMap(_read_stimuli)
-        vectors = {"records": records, "stimuli": stimuli} | "Activations" >> activations.ComputeActivations(out, cfg.mllm)
-        vectors | "Directions" >> directions.ComputeDirections(out) | "WriteDictionary" >> WriteDictionary(out)
-
-    for key, value in run_pipeline(main_graph, beam_args).items():
+    graph = functools.partial(main_graph, out=out, shards_pattern=shards_pattern, emb_dir=emb_dir,
+                              compute_embeddings=not embeddings_dir, concept_emb_path=emb_path,
+                              concept_ids=concept_ids, cfg=cfg)
+    for key, value in run_pipeline(graph, beam_args).items():
         counters[key] = counters.get(key, 0) + value
 
     clip_record = {"id": f"{cfg.clip.model_name}/{cfg.clip.pretrained or 'untrained'}",

@@ -5,13 +5,15 @@ may hand a pipeline to the Prism runner, which downloads a binary at run time,
 so local runs would neither be offline-safe nor deterministic. ``--runner
 local`` (the default), ``DirectRunner`` and ``FnApiRunner`` all mean that.
 ``--direct_num_workers N --direct_running_mode multi_processing`` runs it with
-N worker processes. Any other ``--runner`` (DataflowRunner, FlinkRunner, ...)
+N worker processes; :func:`local_worker_args` makes those options from ``--workers N|auto``
+(``daco build --workers auto``: one worker process per core). Any other ``--runner`` (DataflowRunner, FlinkRunner, ...)
 is passed to Beam as given.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Callable
 
@@ -33,6 +35,19 @@ def quiet_beam_logging() -> None:
 def pipeline_options(beam_args: list[str] | None) -> PipelineOptions:
     """Beam options from command-line style arguments (``--runner``, ``--direct_num_workers``, ...)."""
     return PipelineOptions(list(beam_args or []))
+
+
+def local_worker_args(workers: str | int | None) -> list[str]:
+    """Beam options running the local runner with ``workers`` processes ("auto": one per core);
+    [] for None. Anything else than a positive integer or "auto" is a ValueError naming --workers."""
+    if workers is None:
+        return []
+    count = (os.cpu_count() or 1) if str(workers) == "auto" else (int(workers) if str(workers).isdigit() else 0)
+    if count < 1:
+        raise ValueError(f"--workers {workers!r}: give a number of worker processes >= 1, or 'auto' (one per core)")
+    if count == 1:
+        return ["--direct_num_workers", "1"]
+    return ["--direct_num_workers", str(count), "--direct_running_mode", "multi_processing"]
 
 
 def _runner_for(options: PipelineOptions):

@@ -34,7 +34,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, Predi
 
 from steering.capture import DEFAULT_LAYERS, POOLINGS, capture
 from steering.models import default_dtype, get_adapter, is_untrained
-from transforms.config import StageConfig
+from transforms.config import StageConfig, on_accelerator, validate_accelerator
 from transforms.counters import Reconciliation
 from transforms.deadletter import DEAD, WriteDeadLetters, dead_letter
 from transforms.progress import ProgressLog
@@ -59,6 +59,8 @@ class MLLMConfig(StageConfig):
         device: "auto" (first GPU when present), "cpu", "cuda", "cuda:N".
         seed: seed of the untrained model.
         trust_remote_code: passed to ``from_pretrained`` only when set.
+        accelerator: Beam accelerator resource hint put on the RunInference step only
+            (e.g. "type:nvidia-l4;count:1;install-nvidia-driver"); None: no hint (local runs).
     """
 
     model_id: str | None = None
@@ -71,6 +73,7 @@ class MLLMConfig(StageConfig):
     device: str = "auto"
     seed: int = 0
     trust_remote_code: bool = False
+    accelerator: str | None = None
 
     def validate(self, where: str) -> None:
         if self.pooling not in POOLINGS:
@@ -82,6 +85,7 @@ class MLLMConfig(StageConfig):
         if self.prompt_template.count("{caption}") != 1:
             raise ValueError(f"{where}.prompt_template must contain {{caption}} exactly once, got {self.prompt_template!r}")
         get_adapter(self.model_type_hint())  # unknown family: error listing the supported ones
+        validate_accelerator(self.accelerator, where)
 
     def model_type_hint(self) -> str:
         """The adapter key to use before the model is loaded."""
@@ -282,7 +286,7 @@ class ComputeActivations(beam.PTransform):
         handler = KeyedModelHandler(MLLMActivationHandler(self.cfg))
         vectors = (
             joined.images
-            | "RunMLLM" >> RunInference(handler)
+            | "RunMLLM" >> on_accelerator(RunInference(handler), self.cfg.accelerator)
             | "EmitVectors" >> beam.ParDo(_EmitVectors()).with_outputs(DEAD, main="vectors")
         )
         (

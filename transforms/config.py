@@ -26,3 +26,20 @@ class StageConfig:
 
     def validate(self, where: str) -> None:
         """Raise ValueError naming ``where`` and the option when a value is invalid."""
+
+def validate_accelerator(value: str | None, where: str) -> None:
+    """Check a model stage's ``accelerator`` option: None (no hint), or a Beam accelerator
+    resource hint such as ``"type:nvidia-l4;count:1;install-nvidia-driver"``."""
+    if value is None:
+        return
+    parts = dict(part.partition(":")[::2] for part in str(value).split(";") if part)
+    if not parts.get("type") or not str(parts.get("count", "")).isdigit() or int(parts["count"]) < 1:
+        raise ValueError(f"{where}.accelerator: {value!r} is not a Beam accelerator hint; write "
+                         "'type:GPU_TYPE;count:N;install-nvidia-driver' (e.g. type:nvidia-l4;count:1;"
+                         "install-nvidia-driver), or leave it null to run on the worker's CPU")
+
+
+def on_accelerator(transform, accelerator: str | None):
+    """``transform`` with Beam's ``accelerator`` resource hint when one is configured (runners
+    that place work by hints, e.g. Dataflow, then run it on GPU workers); unchanged otherwise."""
+    return transform.with_resource_hints(accelerator=accelerator) if accelerator else transform

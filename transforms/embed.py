@@ -53,6 +53,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 
 from transforms import fileio
+from transforms.config import on_accelerator, validate_accelerator
 from transforms.counters import Reconciliation
 from transforms.deadletter import DEAD, WriteDeadLetters, dead_letter
 from transforms.progress import ProgressLog
@@ -97,6 +98,8 @@ class ClipConfig:
         device: "auto" (a GPU when present), "cpu", "cuda", "cuda:1", ...
         precision: "auto" (fp32 on CPU, amp_bf16 on GPU), "fp32", "amp_bf16", "amp_fp16".
         seed: seed of the random weights of an untrained model.
+        accelerator: Beam accelerator resource hint put on the RunInference step only
+            (e.g. "type:nvidia-l4;count:1;install-nvidia-driver"); None: no hint (local runs).
     """
 
     model_name: str = "ViT-L-14"
@@ -108,6 +111,7 @@ class ClipConfig:
     device: str = "auto"
     precision: str = "auto"
     seed: int = 0
+    accelerator: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "clip") -> "ClipConfig":
@@ -123,6 +127,7 @@ class ClipConfig:
             raise ValueError(f"{where}.precision: {cfg.precision!r} is not one of {PRECISIONS}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
             raise ValueError(f"{where}.device: {cfg.device!r} is not auto, cpu, cuda or cuda:N")
+        validate_accelerator(cfg.accelerator, where)
         return cfg
 
     def replace(self, **changes) -> "ClipConfig":
@@ -379,6 +384,10 @@ class ClipModelHandler(ModelHandler):
         img, txt = model.embed_pairs(images, tokens)
         return [PredictionResult(example, (img[i], txt[i])) for i, example in enumerate(batch)]
 
+    def get_num_bytes(self, batch: Sequence) -> int:
+        # Beam's default pickles the whole batch just to measure it.
+        return sum(t.element_size() * t.nelement() for example in batch for t in example)
+
     def batch_elements_kwargs(self):
         return {"min_batch_size": self.cfg.batch_size, "max_batch_size": self.cfg.batch_size}
 
@@ -522,7 +531,7 @@ class ComputeEmbeddings(beam.PTransform):
         prepared = records | "Prepare" >> beam.ParDo(_Prepare(resolved)).with_outputs(DEAD, main="ok")
         summaries = (
             prepared.ok
-            | "Embed" >> RunInference(KeyedModelHandler(ClipModelHandler(resolved)))
+            | "Embed" >> on_accelerator(RunInference(KeyedModelHandler(ClipModelHandler(resolved))), cfg.accelerator)
             | "ToRows" >> beam.Map(_to_rows)
             | "ByShard" >> beam.GroupByKey()
             | "WriteShards" >> beam.ParDo(_WriteShard(self.emb_dir))

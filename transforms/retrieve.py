@@ -15,8 +15,13 @@ embedding per concept. For every concept c and pair x:
 Candidates: the top-``candidates`` pairs by image similarity and the top-``candidates``
 by caption similarity (one faiss inner-product index per modality), united; both
 similarities are then recomputed exactly for every candidate and the union is ranked by
-``(score, key)``. (With ``softmax`` the candidates are still found by cosine, which is
-the same ordering up to each pair's normaliser.)
+``(score, key)``. (With ``softmax`` the candidates are still found by cosine, an
+approximation: the softmax also divides by each pair's normaliser over all concepts,
+which costs n_concepts x d per candidate, so softmax is much slower than cosine01.)
+
+Memory per worker process: both modalities' embeddings as float16 plus each index's
+float32 copy, about 12 x n_pairs x d bytes (1M ViT-L pairs: ~9 GB). Corpora far beyond
+that need a compressed or sharded index (IVF-PQ, on-disk lists), not implemented here.
 
 Index: exact (``IndexFlatIP``) up to ``exact_max`` pairs; above it ``ann``: IVF-Flat
 (``nlist``/``nprobe``; k-means trained on a seeded sample, deterministic) or HNSW
@@ -38,17 +43,30 @@ image hash with one of c's positives. They are visited in a permutation seeded b
 ``(seed, concept_id)``, deduplicated by key and image hash, and the first
 ``n_negatives`` are taken; their ``rank`` orders them by ``(score, key)``.
 
-Every per-concept computation is a matrix-vector product over a sorted index set, so
-rows do not depend on how concepts were batched. Output: one parquet file per concept
-batch, ``stimuli/stimuli-NNNNN-of-NNNNN.parquet``, rows sorted by
-``(concept_id, role, rank)`` (positives first); stale parts of an earlier run are removed.
+Exact similarities are computed in float64 from the stored (float16) embeddings, over
+sorted index sets, so rows do not depend on how concepts were batched (float32 BLAS
+rounding could). Output: one parquet file per concept batch,
+``stimuli/stimuli-NNNNN-of-NNNNN.parquet``, rows sorted by ``(concept_id, role, rank)``
+(positives first), ``provenance`` (CLIP model, ``untrained``) in the schema metadata
+under ``daco``; stale parts of an earlier run are removed. Concepts that cannot be
+retrieved go to ``deadletter/retrieve.jsonl``: ``min_positives`` (above) and
+``bad_embedding`` (a zero or non-finite concept embedding).
+
+Beam: :class:`RetrieveStimuli` turns concept batches into elements (Create + Reshuffle);
+one DoFn per batch reads the embeddings folder and builds both indexes once per worker
+process (``apache_beam.utils.shared.Shared``, on the first element, i.e. after the
+``after`` side input exists). :class:`EmbedConcepts` writes the concept embeddings
+(``OUT/concept_embeddings.npy``) in the same graph. Counters (namespace ``retrieve``):
+``concepts_read = concepts_kept + deadletter_min_positives + deadletter_bad_embedding``
+and ``stimuli_written = positives + negatives``; also ``dedup_key``, ``dedup_image``,
+``concepts_negatives_short`` (fewer eligible negatives than ``n_negatives``),
+``concepts_embedded``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 from dataclasses import dataclass
 
@@ -222,13 +240,9 @@ def search(index: faiss.Index, queries: np.ndarray, m: int) -> np.ndarray:
 # ---------------------------------------------------------------- concept embeddings
 
 
-def _load_npy(path: str) -> np.ndarray:
-    return np.load(io.BytesIO(fileio.read_bytes(path)), allow_pickle=False)
-
-
 def load_concept_embeddings(source: np.ndarray | str) -> np.ndarray:
     """Concept embeddings [n, d] float32 from an array or a ``.npy`` path (no pickles)."""
-    array = _load_npy(source) if isinstance(source, str) else np.asarray(source)
+    array = fileio.read_npy(source) if isinstance(source, str) else np.asarray(source)
     if array.ndim != 2:
         raise ValueError(f"concept embeddings must be [n_concepts, d], got shape {array.shape}")
     return np.asarray(array, dtype=np.float32)
@@ -255,9 +269,7 @@ def write_concept_embeddings(concepts_path: str, out_path: str, clip_cfg) -> str
     from transforms.embed import embed_concepts, load_clip
 
     vectors = embed_concepts(fileio.read_parquet(concepts_path), load_clip(clip_cfg))
-    buf = io.BytesIO()
-    np.save(buf, vectors.astype(np.float32), allow_pickle=False)
-    fileio.write_bytes_atomic(out_path, buf.getvalue())
+    fileio.write_npy_atomic(out_path, vectors.astype(np.float32))
     Metrics.counter(NAMESPACE, "concepts_embedded").inc(len(vectors))
     return out_path
 
@@ -329,8 +341,8 @@ class PairIndex:
         self.pool = np.sort(np.random.default_rng([cfg.seed, 2]).choice(self.n, pool_size, replace=False))
         self.pool_keys = [self.keys[i] for i in self.pool]
         self.pool_hashes = [self.hashes[i] for i in self.pool]
-        self.pool_img = self.img[self.pool].astype(np.float32)
-        self.pool_txt = self.txt[self.pool].astype(np.float32)
+        self.pool_img = self.img[self.pool].astype(np.float64)
+        self.pool_txt = self.txt[self.pool].astype(np.float64)
         self.pool_norm_img = self.normaliser(self.pool_img)
         self.pool_norm_txt = self.normaliser(self.pool_txt)
 
@@ -344,14 +356,14 @@ class PairIndex:
         """Per-pair logsumexp over all concepts of cos / T (softmax only; else None)."""
         if self.cfg.similarity != "softmax":
             return None
-        return _logsumexp_rows((pairs @ self.concepts.T).astype(np.float64) / self.cfg.temperature)
+        return _logsumexp_rows((pairs @ self.concepts.T.astype(np.float64)) / self.cfg.temperature)
 
-    def score(self, query: np.ndarray, img: np.ndarray, txt: np.ndarray,
-              norm_img=None, norm_txt=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(ln s_img, ln s_txt, dist) of one concept ``query`` against pair embeddings [n, d]
-        (``norm_*``: their softmax normalisers)."""
-        log_img = log_similarity(img @ query, self.cfg, norm_img)
-        log_txt = log_similarity(txt @ query, self.cfg, norm_txt)
+    def score(self, cos_img: np.ndarray, cos_txt: np.ndarray, norm_img=None,
+              norm_txt=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ln s_img, ln s_txt, dist) from one concept's cosines with pairs (``norm_*``: the
+        pairs' softmax normalisers)."""
+        log_img = log_similarity(cos_img, self.cfg, norm_img)
+        log_txt = log_similarity(cos_txt, self.cfg, norm_txt)
         return log_img, log_txt, daco_distance(log_img, log_txt)
 
     def row(self, concept_id: str, i: int, log_img: float, log_txt: float, dist: float, role: str, rank: int) -> dict:
@@ -394,12 +406,14 @@ def _take_unique(order, keys, hashes, limit, taken_keys, taken_hashes, accept=la
     return kept, by_key, by_hash
 
 
-def rank_concept(pairs: PairIndex, concept_id: str, query: np.ndarray, candidate_ids: np.ndarray) -> ConceptResult:
-    """Positives and negatives of one concept from its candidate pair ids (both modalities, any order)."""
+def rank_concept(pairs: PairIndex, concept_id: str, query: np.ndarray, candidate_ids: np.ndarray,
+                 pool_cos_img: np.ndarray, pool_cos_txt: np.ndarray) -> ConceptResult:
+    """Positives and negatives of one concept (``query``, float64) from its candidate pair ids
+    (both modalities, any order) and its cosines with the negative pool."""
     cfg = pairs.cfg
     cands = np.unique(candidate_ids[candidate_ids >= 0])
-    c_img, c_txt = pairs.img[cands].astype(np.float32), pairs.txt[cands].astype(np.float32)
-    log_img, log_txt, dist = pairs.score(query, c_img, c_txt, pairs.normaliser(c_img), pairs.normaliser(c_txt))
+    c_img, c_txt = pairs.img[cands].astype(np.float64), pairs.txt[cands].astype(np.float64)
+    log_img, log_txt, dist = pairs.score(c_img @ query, c_txt @ query, pairs.normaliser(c_img), pairs.normaliser(c_txt))
     keys = [pairs.keys[i] for i in cands]
     hashes = [pairs.hashes[i] for i in cands]
     order = sorted(range(len(cands)), key=lambda j: (dist[j], keys[j]))
@@ -414,8 +428,7 @@ def rank_concept(pairs: PairIndex, concept_id: str, query: np.ndarray, candidate
     rows = [pairs.row(concept_id, int(cands[j]), log_img[j], log_txt[j], dist[j], "positive", r)
             for r, j in enumerate(positives)]
 
-    p_log_img, p_log_txt, p_dist = pairs.score(query, pairs.pool_img, pairs.pool_txt,
-                                               pairs.pool_norm_img, pairs.pool_norm_txt)
+    p_log_img, p_log_txt, p_dist = pairs.score(pool_cos_img, pool_cos_txt, pairs.pool_norm_img, pairs.pool_norm_txt)
     eligible = np.flatnonzero(p_dist >= np.quantile(p_dist, 1.0 - cfg.negative_quantile))
     drawn = eligible[concept_rng(cfg.seed, concept_id).permutation(len(eligible))]
     # starting from the positives' keys and hashes excludes them, and any duplicate of them
@@ -427,10 +440,15 @@ def rank_concept(pairs: PairIndex, concept_id: str, query: np.ndarray, candidate
 
 
 def retrieve_batch(pairs: PairIndex, concept_ids: list[str], queries: np.ndarray) -> list[ConceptResult]:
-    """Search both indexes for a batch of (L2-normalised) concept queries and rank each concept."""
+    """Search both indexes for a batch of (L2-normalised) concept queries and rank each concept.
+
+    Exact similarities are computed in float64 from the stored embeddings, so they do not
+    depend on how concepts were batched (float32 BLAS rounding could)."""
     img_ids = search(pairs.img_index, queries, pairs.cfg.candidates)
     txt_ids = search(pairs.txt_index, queries, pairs.cfg.candidates)
-    return [rank_concept(pairs, cid, queries[b], np.concatenate([img_ids[b], txt_ids[b]]))
+    q64 = np.asarray(queries, dtype=np.float64)
+    pool_img, pool_txt = pairs.pool_img @ q64.T, pairs.pool_txt @ q64.T
+    return [rank_concept(pairs, cid, q64[b], np.concatenate([img_ids[b], txt_ids[b]]), pool_img[:, b], pool_txt[:, b])
             for b, cid in enumerate(concept_ids)]
 
 

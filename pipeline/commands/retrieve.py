@@ -41,13 +41,15 @@ def add_arguments(parser):
 
 
 def _retrieve_config(args):
+    import dataclasses
+
     from pipeline.config import load_config_file, section
     from transforms.retrieve import RetrieveConfig
 
     cfg = section(load_config_file(args.config), "retrieve", RetrieveConfig, args.config)
     changes = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _k, _t) in RETRIEVE_OPTIONS.items()}
     try:
-        return RetrieveConfig.from_dict({**cfg.to_dict(), **{k: v for k, v in changes.items() if v is not None}},
+        return RetrieveConfig.from_dict({**dataclasses.asdict(cfg), **{k: v for k, v in changes.items() if v is not None}},
                                         where="retrieve options")
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
@@ -99,6 +101,8 @@ def _supplied_embeddings(emb_dir: str, clip, resolved) -> dict:
 
 
 def run(args, beam_args):
+    import dataclasses
+
     import apache_beam as beam
 
     from pipeline.commands.embed import clip_config_from_args
@@ -125,7 +129,7 @@ def run(args, beam_args):
             print(f"using the embeddings in {emb_dir}; --shards is not read")
     concepts_npy = fileio.join(args.out, "concept_embeddings.npy")
     provenance = {"clip": {"model_name": clip.model_name, "weights": resolved.pretrained or f"random (seed {clip.seed})"},
-                  "untrained": bool(untrained), "retrieve": cfg.to_dict()}
+                  "untrained": bool(untrained), "retrieve": dataclasses.asdict(cfg)}
 
     def build(p):
         ready = [p | "EmbedConcepts" >> retrieve.EmbedConcepts(args.concepts, concepts_npy, resolved)]

@@ -173,8 +173,9 @@ class DacoSteerer(Steerer):
         layer -> [n, d]; see :func:`steering.steerers.record_activations`). For each
         undesirable atom the threshold is the one that best separates, on the fitting
         rows, the activations where the exact TopK code is active from those where it
-        is not (fewest disagreements). The agreement is then measured on a random
-        ``holdout`` fraction of the rows (on the fitting rows when ``holdout`` is 0).
+        is not (smallest L1 error of the codes, see :func:`fit_thresholds`). Agreement
+        is then measured on a random ``holdout`` fraction of the rows (on the fitting
+        rows when ``holdout`` is 0). Afterwards ``mode="auto"`` uses the fast path.
         ReLU layers need no calibration and report perfect agreement.
         """
         if not 0 <= holdout < 1:

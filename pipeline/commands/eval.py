@@ -1,0 +1,49 @@
+"""``daco eval``: safety and utility of steering methods on benchmarks (table, JSON, trade-off plot)."""
+
+HELP = "Generate with each steering method on safety and utility benchmarks; write a table, JSON and a trade-off plot."
+
+
+def add_arguments(parser):
+    parser.add_argument("--model", required=True,
+                        help="Hugging Face model id or local folder, or untrained:FAMILY (e.g. untrained:qwen2) for a tiny "
+                             "seeded model whose outputs are meaningless")
+    parser.add_argument("--methods", default="none,prompting",
+                        help="comma-separated: none, prompting, actadd, mop, daco (and refusal, mars, iar, ras once "
+                             "implemented); default none,prompting")
+    parser.add_argument("--bench", action="append", default=[], metavar="NAME:PATH", required=True,
+                        help="a benchmark and its local folder/file (or Hub id for scienceqa, mmbench); repeat for more. "
+                             "Names: mm-safetybench[-sd|-typo|-text], jailbreakv-28k[-mini], figstep, safebench-tiny, "
+                             "scienceqa, mmbench")
+    parser.add_argument("--out", required=True, help="output folder; rerunning with the same folder resumes")
+    parser.add_argument("--limit", type=int, default=None, help="at most N items per benchmark (the first N)")
+    parser.add_argument("--dictionary", default=None, help="dictionary folder or Hub id (needed by actadd, mop, daco)")
+    parser.add_argument("--layers", default=None, help="decoder layers to steer, e.g. 15-19 (default 15-19)")
+    parser.add_argument("--gamma", type=float, default=1.0,
+                        help="strength: desirable code (daco), desirable amount (mop), coefficient (actadd); default 1")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per item (greedy; default 64)")
+    parser.add_argument("--seed", type=int, default=0, help="seed before every generation and of untrained models (default 0)")
+    parser.add_argument("--judge", choices=("refusal", "llama-guard"), default="refusal",
+                        help="refusal: keyword refusal scorer (default); llama-guard: also judge every response with Llama Guard")
+    parser.add_argument("--judge-model", default="meta-llama/Llama-Guard-3-8B", help="Llama Guard model id or folder")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+
+
+def run(args, beam_args):
+    from pathlib import Path
+
+    from steering.eval.benchmarks import BenchmarkError
+    from steering.eval.run import EvalConfig, EvalError, parse_bench, run_eval
+
+    try:
+        config = EvalConfig(model=args.model, methods=args.methods.split(","), benches=[parse_bench(b) for b in args.bench],
+                            out=args.out, limit=args.limit, dictionary=args.dictionary, max_new_tokens=args.max_new_tokens,
+                            seed=args.seed, layers=args.layers, gamma=args.gamma, judge=args.judge,
+                            judge_model=args.judge_model, device=args.device)
+        metrics = run_eval(config)
+    except (EvalError, BenchmarkError, FileNotFoundError, ConnectionError) as exc:
+        raise SystemExit(f"daco eval: {exc}") from None
+    out = Path(args.out)
+    print((out / "table.md").read_text())
+    print(f"eval: {metrics['generated']} generated, {metrics['skipped']} already done; "
+          f"results {out / 'results.jsonl'}, table {out / 'table.md'}, metrics {out / 'metrics.json'}, plot {out / 'tradeoff.png'}")
+    return 0
