@@ -5,9 +5,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.daco-installed
 
-.PHONY: install wordnet demo test bench clean
+.PHONY: install wordnet fonts chromium demo test bench clean
 
-install: $(STAMP) wordnet
+install: $(STAMP) wordnet fonts chromium
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,25 @@ wordnet: $(STAMP)
 	       else \
 	         $(PY) -c "from transforms.wordnet import find_wordnet; find_wordnet()"; \
 	       fi; }
+
+# FreeMonoBold (GNU FreeFont), the font FigStep draws its typographic images with
+# (steering/eval/benchmarks.py). When absent and apt is usable, install Debian's copy;
+# otherwise FigStep images are drawn with matplotlib's DejaVu Sans Mono Bold (same layout, other glyphs).
+fonts: $(STAMP)
+	@$(PY) -c "from PIL import ImageFont; ImageFont.truetype('FreeMonoBold.ttf', 10)" 2>/dev/null \
+	  || { if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	         echo "installing FreeMonoBold (fonts-freefont-ttf)"; \
+	         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-freefont-ttf >/dev/null; \
+	       else \
+	         echo "FreeMonoBold.ttf not found: FigStep images fall back to DejaVu Sans Mono Bold (apt-get install fonts-freefont-ttf)"; \
+	       fi; }
+
+# Debian's chromium renders `daco report`'s HTML in tests/test_report.py (headless, offline);
+# installed when missing and apt is usable, otherwise those tests skip.
+chromium:
+	@command -v chromium >/dev/null || ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ] \
+	  || { echo "installing chromium (headless report tests)"; \
+	       apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 demo: install
 	$(VENV)/bin/daco build --out daco-out

@@ -19,7 +19,8 @@ All on Beam's FnApiRunner with one worker (``pipeline.runner.run_pipeline``).
     .venv/bin/python bench/scale.py            # the sizes above (~15-20 min on 2 cores)
     .venv/bin/python bench/scale.py --quick    # 1,500 concepts, 100,000 pairs, 40,000 x d=512
 
-Prints time and peak RSS per stage and writes bench/results/scale.json (or scale_quick.json);
+Prints wall time, CPU time (user + system of the stage's process; on a shared machine the
+better measure of work) and peak RSS per stage and writes bench/results/scale.json (or scale_quick.json);
 dataflow/README.md extrapolates the CPU stages of a CC-3M job from these figures.
 """
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import tempfile
 from pathlib import Path
@@ -83,21 +85,33 @@ def retrieve(emb_dir: str, concepts_path: str, out: str, n_concepts: int) -> dic
     return counters
 
 
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _stage(name: str, code: str) -> dict:
+    cpu_before = _children_cpu()
     seconds, peak_mib, stdout = run_child(code + PRINT_PEAK)
-    result = {"seconds": round(seconds, 2), "peak_rss_mib": peak_mib}
+    cpu = _children_cpu() - cpu_before
+    result = {"seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2), "peak_rss_mib": peak_mib,
+              "load_1min_after": os.getloadavg()[0]}
     for line in stdout.splitlines():
         if line.startswith("RESULT="):
             result["detail"] = json.loads(line[len("RESULT="):])
-    print(f"  {name:<17} {seconds:>8.1f} s   peak RSS {peak_mib:>8,.0f} MiB", flush=True)
+    print(f"  {name:<17} {seconds:>8.1f} s wall  {cpu:>8.1f} s CPU   peak RSS {peak_mib:>8,.0f} MiB", flush=True)
     return result
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke-test size (1,500 concepts, 100,000 pairs)")
+    parser.add_argument("--dim", type=int, default=None,
+                        help="CLIP embedding dimension of the synthetic pairs (default 512; ViT-L-14 has 768; "
+                        "retrieval memory grows with it: ~16 bytes per pair and dimension at the peak)")
     args = parser.parse_args(argv)
-    size = QUICK if args.quick else FULL
+    size = dict(QUICK if args.quick else FULL)
+    size["dim"] = args.dim or size["dim"]
     print(f"scale run ({'quick' if args.quick else 'full'}): {size}; load average {os.getloadavg()}", flush=True)
     stages = {}
     with tempfile.TemporaryDirectory(prefix="daco-scale-") as tmp:

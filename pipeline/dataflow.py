@@ -24,13 +24,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import json
 import os
 import sys
 from dataclasses import dataclass
 
 DATAFLOW_RUNNERS = {"DataflowRunner", "dataflow", "Dataflow"}
-DEFAULT_ACCELERATOR = "type:nvidia-l4;count:1;install-nvidia-driver"
 ACCELERATOR_URN = "beam:resources:accelerator:v1"
 PLAN_FORMAT = "daco-dataflow-plan/1"
 
@@ -84,6 +82,8 @@ MESSAGES = {
                    "worker image",
     "workers_local": "--workers sets local worker processes; on Dataflow use --max_num_workers N",
     "plan_runner": "--dataflow-plan describes a Dataflow job: add --runner DataflowRunner",
+    "plan_weights": "the plan resolves the CLIP weights as the launch does, from the local cache only (no "
+                    "network): {detail} Or plan with --embeddings gs://... (the CLIP stage is then skipped)",
     "plan_glob": "--shards {value!r}: the offline plan cannot list a bucket (that needs credentials); give "
                  "the shards as a brace range of .tar names, e.g. gs://BUCKET/cc3m/{{00000..00331}}.tar",
 }
@@ -293,6 +293,19 @@ def _shards_from_pattern():
         shards.match_shards = listing
 
 
+@contextlib.contextmanager
+def _no_downloads():
+    """While planning, model weights are looked up in the local cache only (no network)."""
+    from huggingface_hub import constants
+
+    offline = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = offline
+
+
 def _job(name: str, build, beam_args: list[str]) -> tuple[dict, object]:
     """One planned job (summary + proto as JSON) and the options as DataflowRunner leaves them."""
     import apache_beam as beam
@@ -345,12 +358,12 @@ def plan(launch: Launch) -> dict:
     import functools
 
     from pipeline import build
-    from transforms import concepts, fileio
+    from transforms import concepts, embed, fileio
 
     validate(launch)
     _offline_gcs_paths()
     cfg, out = launch.cfg, launch.out
-    with _shards_from_pattern():
+    with _shards_from_pattern(), _no_downloads():
         shards_paths = build.shards.match_shards(launch.shards)
         concepts_job, _ = _job("concepts", lambda p: p | "SelectConcepts" >> concepts.SelectConcepts(cfg.concepts)
                             | "WriteConcepts" >> concepts.WriteConcepts(out, cfg.concepts), launch.beam_args)
@@ -358,7 +371,10 @@ def plan(launch: Launch) -> dict:
             build.main_graph, out=out, shards_pattern=launch.shards,
             emb_dir=launch.embeddings or fileio.join(out, "embeddings"), compute_embeddings=not launch.embeddings,
             concept_emb_path=fileio.join(out, "concept_embeddings.npy"), concept_ids=[], cfg=cfg)
-        main_job, options = _job("main", main, launch.beam_args)
+        try:
+            main_job, options = _job("main", main, launch.beam_args)
+        except embed.ClipLoadError as exc:
+            raise DataflowOptionsError("plan_weights", detail=str(exc)) from None
     return {
         "format": PLAN_FORMAT,
         "runner": "DataflowRunner",

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import time
+import warnings
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
 
@@ -125,8 +126,11 @@ def _parquet_vectors(path: Path, column: str | None) -> Iterator[np.ndarray]:
             raise ValueError(f"{path}: column {column!r} has null rows")
         if len(arr) == 0:
             continue
-        d = arr.type.list_size if pa.types.is_fixed_size_list(arr.type) else len(arr[0])
-        yield np.asarray(arr.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(arr), d)
+        values = np.asarray(arr.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
+        if values.size % len(arr) or not (pa.types.is_fixed_size_list(arr.type)
+                                          or len(np.unique(np.asarray(arr.value_lengths()))) == 1):
+            raise ValueError(f"{path}: rows of column {column!r} have different lengths")
+        yield values.reshape(len(arr), values.size // len(arr))
 
 
 def iterate_activation_files(paths, batch_size: int, column: str | None = None) -> Iterator[torch.Tensor]:
@@ -357,6 +361,10 @@ def train_sae(sae: SAE, activations, *, lr: float = 1e-3, steps: int | None = No
             break
     elapsed = time.perf_counter() - t0
     bar.close()
+    if steps is not None and 0 < step < steps:
+        warnings.warn(f"train_sae: the activations ran out after {step} of {steps} steps "
+                      "(a one-shot iterator gives a single pass; pass a list, tensor or files to repeat)",
+                      stacklevel=2)
     sae.eval()
     if step == 0:
         raise ValueError("train_sae: the activations were empty; nothing was trained")

@@ -101,3 +101,34 @@ def dataset_folder(tmp_path_factory) -> _Path:
     """A good output folder (untrained models), built once per session; copy it before changing it."""
     elements, _reference = planted_activations()
     return build_dataset_folder(tmp_path_factory.mktemp("dataset"), elements)
+
+
+# --------------------------------------------------------------------------- daco build (issues 4, 8)
+
+TINY_BUILD = {
+    "concepts": {"roots": ["animal.n.01", "weapon.n.01"], "include_polarity_roots": False, "max_concepts": 12,
+                 "prioritise_undesirable": False},
+    "corpus": {"n": 72, "seed": 0},
+    "clip": {"model_name": "daco-tiny-clip", "pretrained": None, "allow_untrained": True},
+    "retrieve": {"k": 3, "n_negatives": 3, "min_positives": 2},
+    "mllm": {"family": "qwen2_vl", "untrained_size": {"num_hidden_layers": 3}, "layers": [1, 2], "batch_size": 8},
+}
+
+
+@_pytest.fixture(scope="session")
+def tiny_build(tmp_path_factory) -> _Path:
+    """Two `daco build` runs of a tiny embedded configuration (animals and weapons: two WordNet
+    groups; untrained models), built once per session: ``a/`` generates its corpus, ``b/`` reads
+    a's shards with ``--shards``. Returns the folder holding both. Tests may add files (a report)
+    but must not change what the build wrote."""
+    import yaml
+
+    from pipeline.cli import main as daco
+
+    root = tmp_path_factory.mktemp("tiny_build")
+    config = root / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY_BUILD))
+    assert daco(["build", "--config", str(config), "--out", str(root / "a")]) == 0
+    shards = str(root / "a" / "corpus" / "shards" / "*.tar")
+    assert daco(["build", "--config", str(config), "--out", str(root / "b"), "--shards", shards]) == 0
+    return root

@@ -50,7 +50,9 @@ def test_safebench_tiny_is_the_50_shipped_images():
     assert sorted(i.image for i in items) == sorted(str(p) for p in shipped)
     assert Counter(i.category for i in items) == Counter({c: 5 for c in {i.category for i in items}})
     assert items[0].load_image().size == (760, 760)
-    assert load_benchmark("safebench-tiny", str(FIGSTEP), limit=7)[-1].id == items[6].id
+    # a limit takes items round-robin over the categories, in file order within each
+    assert [i.id for i in load_benchmark("safebench-tiny", str(FIGSTEP), limit=12)] == [
+        *(f"{c}_1" for c in range(1, 11)), "1_2", "2_2"]
 
 
 def _ink(image):
@@ -176,7 +178,7 @@ def write_jailbreakv(root, header=JBV_HEADER):
 
 def test_jailbreakv_layout(tmp_path):
     root = write_jailbreakv(tmp_path / "JailBreakV_28K")
-    items = load_jailbreakv(root)
+    items = load_jailbreakv(tmp_path)  # the Hub repository's layout: <repo>/JailBreakV_28K/JailBreakV_28K.csv
     assert [(i.id, i.category, i.prompt[:6]) for i in items] == [("0", "Illegal Activity", "You ar"), ("1", "Fraud", "Explai")]
     assert items[1].load_image().size == (8, 8) and items[0].label == HARMFUL
     assert [i.id for i in load_benchmark("jailbreakv-28k-mini", str(root / "JailBreakV_28K.csv"))] == ["0"]
@@ -301,10 +303,10 @@ def test_load_benchmark_errors(tmp_path, monkeypatch):
         load_benchmark("mmb", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="does-not-exist"):
         load_benchmark("mmbench", str(tmp_path / "does-not-exist"))
-    with pytest.raises(FileNotFoundError, match="cannot be read from the Hub"):
-        load_benchmark("figstep", "ThuCCSLab/FigStep")
     # a Hub id offline: a clear error (no traffic leaves the machine in offline mode)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ConnectionError, match="lmms-lab/MMBench.*Offline\\? Download the benchmark"):
-        load_benchmark("mmbench", "lmms-lab/MMBench")
+        load_benchmark("mmbench", "lmms-lab/MMBench")  # rows through datasets.load_dataset
+    with pytest.raises(ConnectionError, match="dataset JailbreakV-28K/JailBreakV-28k.*Offline\\?"):
+        load_benchmark("jailbreakv-28k", "JailbreakV-28K/JailBreakV-28k")  # the repository, then the local loader

@@ -173,25 +173,10 @@ def test_planted_directions_are_recovered_through_the_whole_graph(small_corpus, 
     assert min(cosines) >= 0.95, sorted(cosines)[:5]
 
 
-TINY = {
-    "concepts": {"roots": ["animal.n.01", "weapon.n.01"], "include_polarity_roots": False, "max_concepts": 20},
-    "corpus": {"n": 120, "seed": 0},
-    "clip": {"model_name": "daco-tiny-clip", "pretrained": None, "allow_untrained": True},
-    "retrieve": {"k": 3, "n_negatives": 3, "min_positives": 2},
-    "mllm": {"family": "qwen2_vl", "untrained_size": {"num_hidden_layers": 4}, "layers": [2, 3], "batch_size": 8},
-}
-
-
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """Two `daco build` runs of a tiny embedded configuration (the second on the first's shards)."""
-    root = tmp_path_factory.mktemp("build")
-    config = root / "tiny.yaml"
-    config.write_text(yaml.safe_dump(TINY))
-    assert daco(["build", "--config", str(config), "--out", str(root / "a")]) == 0
-    shards = str(root / "a" / "corpus" / "shards" / "*.tar")
-    assert daco(["build", "--config", str(config), "--out", str(root / "b"), "--shards", shards]) == 0
-    return root
+def built(tiny_build):
+    """conftest.py's two tiny builds (``a`` made its corpus, ``b`` read a's shards)."""
+    return tiny_build
 
 
 def test_build_writes_every_design_output(built):
@@ -202,11 +187,11 @@ def test_build_writes_every_design_output(built):
                    "embeddings/metadata"):
         assert any((out / folder).iterdir()), folder
     metadata = yaml.safe_load((out / "metadata.json").read_text())
-    assert metadata["untrained"] is True and metadata["layers"] == [2, 3]
+    assert metadata["untrained"] is True and metadata["layers"] == [1, 2]
     assert metadata["models"]["mllm"]["model_class"] == "Qwen2VLForConditionalGeneration"
     assert "not meaningful" in (out / "README.md").read_text()
     d = load_dictionary(str(out))
-    assert d.layers == [2, 3] and d.directions(2).shape[1] == 64
+    assert d.layers == [1, 2] and d.directions(2).shape[1] == 64
 
 
 def test_two_builds_give_byte_identical_dictionaries(built):

@@ -68,9 +68,9 @@ def planted(tmp_path_factory):
         halves = [f"c{c}-img{j}" for j in range(IMG_ONLY)] + [f"c{c}-txt{j}" for j in range(TXT_ONLY)]
         for j, key in enumerate(both):
             plant(key, _near(rng, concepts[c], 0.85 + 0.02 * j), _near(rng, concepts[c], 0.85 + 0.02 * j))
-        for key in halves[:IMG_ONLY]:
+        for key in halves[:IMG_ONLY]:  # the image matches, the caption is unrelated (cosine 0)
             plant(key, _near(rng, concepts[c], 0.97), _near(rng, concepts[c], 0.0))
-        for key in halves[IMG_ONLY:]:
+        for key in halves[IMG_ONLY:]:  # the caption matches, the image is unrelated
             plant(key, _near(rng, concepts[c], 0.0), _near(rng, concepts[c], 0.97))
         truth[c] = (both, halves)
     # concept 4: 'dup' appears twice (the better copy is the second), 'twin-a'/'twin-b' share an image hash
@@ -284,3 +284,10 @@ def test_cli_rejects_embeddings_of_another_dimension_before_running(planted, tmp
     with pytest.raises(SystemExit, match="--shards is required"):
         _cli("--concepts", concepts, "--out", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(hasattr(__import__("faiss"), "StandardGpuResources"), reason="faiss-gpu is installed")
+def test_use_gpu_yes_without_faiss_gpu_says_how_to_fix():
+    cfg = RetrieveConfig.from_dict({"use_gpu": "yes"})
+    with pytest.raises(RuntimeError, match="install faiss-gpu"):
+        build_index(np.eye(4, dtype=np.float32), cfg)

@@ -22,6 +22,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SAELENS_PYTHON = ROOT / "bench" / ".venvs" / "saelens" / "bin" / "python"
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These problems are tiny: one intra-op thread avoids waiting on a second core (restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def orthonormal(n, d, seed=0):
     g = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(d, n, generator=g, dtype=torch.float64))
@@ -140,6 +149,16 @@ def test_relu_training_with_resampling_and_files(tmp_path):
         train_sae(sae, X, steps=1, dead_latent_remedy="auxk")
     with pytest.raises(FileNotFoundError, match="nowhere"):
         train_sae(sae, tmp_path / "nowhere", steps=1)
+
+
+def test_one_shot_iterator_runs_out_with_a_warning():
+    sae = SAE.random(8, 8, k=2)
+    batches = (torch.randn(16, 8) for _ in range(3))
+    with pytest.warns(UserWarning, match="ran out after 3 of 5 steps"):
+        result = train_sae(sae, batches, steps=5, batch_size=16, progress=False)
+    assert result.steps == 3
+    with pytest.raises(ValueError, match="d_in=8"):
+        train_sae(sae, [torch.randn(4, 6)], steps=1, progress=False)
 
 
 def test_annotate_labels_atoms_from_undesirable_concepts(tmp_path):

@@ -191,7 +191,9 @@ def test_index_and_layer_errors(tiny):
     assert parse_layers("15-19") == (15, 16, 17, 18, 19) and parse_layers("3,5,8-9") == (3, 5, 8, 9)
     with pytest.raises(ValueError, match="15-19"):
         parse_layers("19-15")
-    assert set(STEERERS) == {"daco", "mop", "actadd", "prompting"} and get_steerer("mop") is MOPSteerer
+    assert {"daco", "mop", "actadd", "prompting"} <= set(STEERERS) and get_steerer("mop") is MOPSteerer
+    with pytest.raises(ValueError, match="unknown steering method 'dacoo'"):
+        get_steerer("dacoo")
 
 
 # ------------------------------------------------------------------ on a seeded Hugging Face model
@@ -235,7 +237,7 @@ def test_steering_changes_generation_and_empty_sets_change_nothing(tiny, tiny_sa
         unchanged = generate(model, inputs)
     assert torch.equal(unchanged, plain)
     assert all(count > 0 for count in empty.tokens_steered.values())  # the hooks did run
-    with MOPSteerer(model, {layer: sae.W_dec for layer, sae in tiny_saes.items()}, [], [], max_iter=20):
+    with MOPSteerer(model, {layer: sae.W_dec for layer, sae in tiny_saes.items()}, [], [], max_iter=10):
         assert torch.equal(generate(model, inputs, new=3), plain[:, : plain.shape[1] - 5])
 
 
@@ -246,7 +248,8 @@ def test_steering_every_token_in_padded_batches_with_kv_cache(tiny, tiny_saes, m
     dictionary = {layer: sae.W_dec for layer, sae in tiny_saes.items()}
     steerer = {
         "daco": lambda: DacoSteerer(model, tiny_saes, list(range(10)), list(range(10, 16)), gamma=4.0),
-        "mop": lambda: MOPSteerer(model, dictionary, list(range(10)), list(range(10, 16)), gamma=4.0, max_iter=50),
+        # tol=0: every solve runs max_iter iterations, so a token's code does not depend on the batch it is solved in
+        "mop": lambda: MOPSteerer(model, dictionary, list(range(10)), list(range(10, 16)), gamma=4.0, max_iter=20, tol=0.0),
         "actadd": lambda: ActAddSteerer.from_directions(model, dictionary, list(range(10)), list(range(10, 16)), 4.0),
     }[method]()
     new = 6
@@ -330,7 +333,7 @@ def write_dictionary_folder(root, d=64, layers=LAYERS, seed=0):
     return root
 
 
-@pytest.mark.parametrize("method", ["daco", "actadd", "prompting"])
+@pytest.mark.parametrize("method", ["daco", "prompting"])
 def test_daco_steer_command_prints_both_generations(tmp_path, capsys, method):
     from pipeline.cli import main as daco
 

@@ -8,7 +8,8 @@ forward that stops after the deepest hooked layer. Model-family specifics live i
 the adapters (steering/models/); nothing here branches on a model name.
 
 Beam graph: stimuli rows and shard records are joined by key (one element per
-distinct image), a ``RunInference`` stage with :class:`MLLMActivationHandler`
+distinct image), cut into batches fixed by the data alone (:func:`fixed_batches`), a
+``RunInference`` stage with :class:`MLLMActivationHandler`
 (one model per worker process; one per GPU, shared across processes, on GPU
 workers) computes the pooled vectors, and each is emitted once per (concept,
 role) that uses the stimulus, keyed as the directions stage expects:
@@ -23,6 +24,7 @@ vectors went out) and ``emitted`` (vectors out: one per emitted row and layer).
 
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -196,12 +198,12 @@ class MLLMActivationHandler(ModelHandler):
         return load_mllm(self.cfg)
 
     def run_inference(self, batch: Sequence, model, inference_args=None) -> Iterable[PredictionResult]:
-        vectors = pooled_activations(*model, self.cfg, list(batch))
-        return [PredictionResult(example, out) for example, out in zip(batch, vectors)]
+        # each example is one fixed batch (see fixed_batches): a tuple of (image bytes, caption)
+        return [PredictionResult(example, pooled_activations(*model, self.cfg, list(example))) for example in batch]
 
     def batch_elements_kwargs(self):
-        # a RunInference batch holds several model batches, so sorting by length pays off
-        return {"min_batch_size": 1, "max_batch_size": 4 * self.cfg.batch_size}
+        # the batches are formed upstream from the data alone; RunInference must not regroup them
+        return {"min_batch_size": 1, "max_batch_size": 1}
 
     def share_model_across_processes(self) -> bool:
         return resolve_device(self.cfg.device) != "cpu"
@@ -211,6 +213,34 @@ class MLLMActivationHandler(ModelHandler):
 
     def get_metrics_namespace(self) -> str:
         return "activations_inference"
+
+
+BATCH_GROUPS = 1024
+"""Images are spread over this many groups by a hash of their key; each group is cut into
+fixed batches (:func:`fixed_batches`)."""
+
+
+def batch_group(key: str) -> int:
+    """The group of an image key: a stable hash (same in every process and run), mod BATCH_GROUPS."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % BATCH_GROUPS
+
+
+def fixed_batches(group, size: int):
+    """(group, images) -> batches of at most ``size`` images sorted by (caption length, key), as
+    ((key, uses) per image, (image bytes, caption) per image). A stimulus's padding, and so its
+    pooled vector to the last bit, depends on which batch it is in; batches made from the data
+    alone make the output independent of bundling, worker count and runner."""
+    _group, images = group
+    ordered = sorted(images, key=lambda e: (len(e[1][1]), e[0][0]))
+    for start in range(0, len(ordered), size):
+        chunk = ordered[start:start + size]
+        yield tuple(e[0] for e in chunk), tuple(e[1] for e in chunk)
+
+
+def _unbatch(element):
+    keys, result = element
+    for key, vectors in zip(keys, result.inference):
+        yield key, PredictionResult(None, vectors)
 
 
 class _JoinStimuli(beam.DoFn):
@@ -286,7 +316,11 @@ class ComputeActivations(beam.PTransform):
         handler = KeyedModelHandler(MLLMActivationHandler(self.cfg))
         vectors = (
             joined.images
+            | "BatchGroup" >> beam.Map(lambda e: (batch_group(e[0][0]), e))
+            | "GroupForBatches" >> beam.GroupByKey()
+            | "FixedBatches" >> beam.FlatMap(fixed_batches, 4 * self.cfg.batch_size)
             | "RunMLLM" >> on_accelerator(RunInference(handler), self.cfg.accelerator)
+            | "Unbatch" >> beam.FlatMap(_unbatch)
             | "EmitVectors" >> beam.ParDo(_EmitVectors()).with_outputs(DEAD, main="vectors")
         )
         (

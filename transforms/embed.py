@@ -491,6 +491,12 @@ class _WriteShard(beam.DoFn):
         yield summary
 
 
+def weights_label(resolved: ClipConfig) -> str:
+    """How ``embeddings.json`` names the weights of a resolved config: the tag or checkpoint
+    file, or "random (seed N)" for an untrained model."""
+    return resolved.pretrained or f"random (seed {resolved.seed})"
+
+
 def embeddings_record(cfg: ClipConfig, resolved: ClipConfig, shards: list[dict]) -> dict:
     """The content of ``embeddings.json``: which model made the embeddings, and what they hold."""
     import open_clip
@@ -499,7 +505,7 @@ def embeddings_record(cfg: ClipConfig, resolved: ClipConfig, shards: list[dict])
         "layout": "clip-retrieval",
         "model_name": cfg.model_name,
         "pretrained": cfg.pretrained,
-        "weights": resolved.pretrained or f"random (seed {cfg.seed})",
+        "weights": weights_label(resolved),
         "untrained": resolved.pretrained is None,
         "embed_dim": int(model_config(cfg)["embed_dim"]),
         "seed": cfg.seed,

@@ -24,7 +24,11 @@ def join(base: str, *parts: str) -> str:
 def makedirs(path: str) -> None:
     """Create a directory (no-op where it exists or on object stores)."""
     if not FileSystems.exists(path):
-        FileSystems.mkdirs(path)
+        try:
+            FileSystems.mkdirs(path)
+        except OSError:  # another worker process created it in between (local multi-process runs)
+            if not FileSystems.exists(path):
+                raise
 
 
 def write_bytes_atomic(path: str, data: bytes) -> None:

@@ -50,7 +50,8 @@ REQUIRED_METADATA = ("models", "layers", "pooling", "prompt_template", "seeds")
 CONFIG_FILES = {"dictionary": "dictionary/*.parquet", "concepts": "concepts.parquet", "stimuli": "stimuli/*.parquet"}
 #: Files ``daco publish`` uploads (everything else in the folder, e.g. embeddings/, stays local).
 PUBLISHED_PATTERNS = ("README.md", "metadata.json", "concepts.parquet", "stimuli/*.parquet",
-                      "dictionary/*.parquet", "deadletter/*.jsonl")
+                      "dictionary/*.parquet", "deadletter/*.jsonl",
+                      "report/figures/*.png")  # the card's "Figures" section (written by `daco report`)
 
 
 def layer_file_name(layer: int) -> str:

@@ -8,18 +8,24 @@ def add_arguments(parser):
                         help="Hugging Face model id or local folder, or untrained:FAMILY (e.g. untrained:qwen2) for a tiny "
                              "seeded model whose outputs are meaningless")
     parser.add_argument("--methods", default="none,prompting",
-                        help="comma-separated: none, prompting, actadd, mop, daco (and refusal, mars, iar, ras once "
-                             "implemented); default none,prompting")
+                        help="comma-separated: none, prompting, actadd, mop, daco, refusal, mars, iar, ras "
+                             "(default none,prompting)")
     parser.add_argument("--bench", action="append", default=[], metavar="NAME:PATH", required=True,
-                        help="a benchmark and its local folder/file (or Hub id for scienceqa, mmbench); repeat for more. "
+                        help="a benchmark and its local folder/file (or a Hub dataset id, with network); repeat for more. "
                              "Names: mm-safetybench[-sd|-typo|-text], jailbreakv-28k[-mini], figstep, safebench-tiny, "
                              "scienceqa, mmbench")
     parser.add_argument("--out", required=True, help="output folder; rerunning with the same folder resumes")
-    parser.add_argument("--limit", type=int, default=None, help="at most N items per benchmark (the first N)")
+    parser.add_argument("--limit", type=int, default=None, help="at most N items per benchmark, taken round-robin over its categories")
     parser.add_argument("--dictionary", default=None, help="dictionary folder or Hub id (needed by actadd, mop, daco)")
     parser.add_argument("--layers", default=None, help="decoder layers to steer, e.g. 15-19 (default 15-19)")
     parser.add_argument("--gamma", type=float, default=1.0,
                         help="strength: desirable code (daco), desirable amount (mop), coefficient (actadd); default 1")
+    parser.add_argument("--sae", default=None, metavar="DIR",
+                        help="daco: folder with one saved SAE per layer as DIR/layer_<l>/ (default: each layer's "
+                             "dictionary-initialised SAE, untrained)")
+    parser.add_argument("--steerers", default=None, metavar="DIR",
+                        help="refusal, mars, iar, ras: folder with one saved steerer per method as DIR/<method>/ "
+                             "(default: fitted on the shipped contrastive sets and saved under OUT/steerers/<method>/)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per item (greedy; default 64)")
     parser.add_argument("--seed", type=int, default=0, help="seed before every generation and of untrained models (default 0)")
     parser.add_argument("--judge", choices=("refusal", "llama-guard"), default="refusal",
@@ -37,7 +43,7 @@ def run(args, beam_args):
     try:
         config = EvalConfig(model=args.model, methods=args.methods.split(","), benches=[parse_bench(b) for b in args.bench],
                             out=args.out, limit=args.limit, dictionary=args.dictionary, max_new_tokens=args.max_new_tokens,
-                            seed=args.seed, layers=args.layers, gamma=args.gamma, judge=args.judge,
+                            seed=args.seed, layers=args.layers, gamma=args.gamma, sae=args.sae, steerers=args.steerers, judge=args.judge,
                             judge_model=args.judge_model, device=args.device)
         metrics = run_eval(config)
     except (EvalError, BenchmarkError, FileNotFoundError, ConnectionError) as exc:

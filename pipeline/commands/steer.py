@@ -3,6 +3,8 @@
 HELP = "Generate from a prompt (and image) with and without steering, and print the two side by side."
 
 METHODS = ("daco", "mop", "actadd", "prompting")
+DEFENCES = ("refusal", "mars", "iar", "ras")
+"""Published defences fitted on contrastive sets (METHODS.md §4), not on the dictionary."""
 
 
 def add_arguments(parser):
@@ -11,10 +13,11 @@ def add_arguments(parser):
     parser.add_argument("--untrained-family", default=None, metavar="FAMILY",
                         help="instead of --model, build a tiny randomly initialised model of this family offline "
                              "(qwen2_vl, qwen2_5_vl, llava, llava_next, internvl, qwen2, llama); its outputs are meaningless")
-    parser.add_argument("--dictionary", required=True, help="dictionary output folder or Hub dataset repo id")
+    parser.add_argument("--dictionary", default=None,
+                        help="dictionary output folder or Hub dataset repo id (required for daco, mop, actadd, prompting)")
     parser.add_argument("--prompt", required=True, help="the user's text")
     parser.add_argument("--image", default=None, help="an image file to send with the prompt (multimodal models)")
-    parser.add_argument("--method", choices=METHODS, default="daco", help="steering method (default: daco)")
+    parser.add_argument("--method", choices=METHODS + DEFENCES, default="daco", help="steering method (default: daco)")
     parser.add_argument("--layers", default="15-19", help="decoder layers to steer, e.g. 15-19 or 3,5,8-9 (default: 15-19)")
     parser.add_argument("--gamma", type=float, default=1.0,
                         help="strength: desirable atoms' code (daco), desirable amount (mop), coefficient (actadd)")
@@ -27,6 +30,26 @@ def add_arguments(parser):
     parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (greedy; default 32)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the untrained model (default 0)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    _add_defence_arguments(parser)
+
+
+def _add_defence_arguments(parser):
+    """Options of the published defences (--method refusal|mars|iar|ras)."""
+    group = parser.add_argument_group("defences (--method refusal, mars, iar, ras)")
+    group.add_argument("--steerer", default=None, metavar="DIR", help="load a fitted defence saved in DIR (skips fitting)")
+    group.add_argument("--save-steerer", default=None, metavar="DIR", help="save the fitted defence into DIR")
+    for kind, what in (("harmful", "harmful prompts"), ("harmless", "harmless prompts"),
+                       ("refusal-responses", "refusal responses"), ("compliant-responses", "compliant responses")):
+        group.add_argument(f"--{kind}", default=None, metavar="FILE",
+                           help=f"JSONL file of {what} (default: the small set shipped in steering/data/)")
+    group.add_argument("--refusal-mode", choices=("ablation", "addition"), default="ablation",
+                       help="refusal, when fitting: ablate the direction at every layer or add it at the selected one "
+                            "(default ablation)")
+    group.add_argument("--strength", type=float, default=1.0, help="mars: gain of the gate (default 1.0)")
+    group.add_argument("--iar-level", choices=("layer", "head"), default="head", help="iar: layer or head level (default head)")
+    group.add_argument("--iar-direction", choices=("mms", "pwd"), default="mms", help="iar: MMS or PWD (default mms)")
+    group.add_argument("--iar-k", type=int, default=None, help="iar: units kept by probe accuracy (default 48 heads, 1 layer)")
+    group.add_argument("--alpha", type=float, default=15.0, help="iar: strength alpha (default 15)")
 
 
 def run(args, beam_args):
@@ -47,22 +70,34 @@ def run(args, beam_args):
         layers = parse_layers(args.layers)
     except ValueError as exc:
         raise SystemExit(f"daco steer: --layers: {exc}") from None
+    defence = args.method in DEFENCES
+    if defence:
+        sets = _defence_sets(args)
+    elif args.dictionary is None:
+        raise SystemExit(f"daco steer: --method {args.method} needs --dictionary (a dictionary output folder)")
     try:
-        dictionary = load_dictionary(args.dictionary, layers=layers)
+        dictionary = load_dictionary(args.dictionary, layers=layers) if args.dictionary else None
     except (OSError, KeyError, ValueError) as exc:
         raise SystemExit(f"daco steer: --dictionary {args.dictionary}: {exc}") from None
-    model, processor, name = _load_model(args, dictionary.d, layers)
-    steerer = _build_steerer(args, model, dictionary, layers)
+    model, processor, name = _load_model(args, dictionary.d if dictionary else None, layers)
+    steerer = _build_defence(args, model, processor, layers, sets) if defence else _build_steerer(args, model, dictionary, layers)
     untrained = bool(getattr(model.config, "untrained", False))
 
     messages = _conversation(args)
     unsteered = _generate(model, processor, messages, args)
     with steerer:
+        if args.method == "ras":
+            _prepare_ras(steerer, processor, args)
         steered = _generate(model, processor, steerer.edit_messages(messages), args)
 
     print(f"model: {name}" + ("  [UNTRAINED: random weights, the text is meaningless]" if untrained else ""))
-    print(f"dictionary: {args.dictionary} ({len(dictionary)} concepts, d={dictionary.d}); "
-          f"method: {args.method}; layers: {list(layers)}; gamma: {args.gamma}")
+    if defence:
+        print(f"defence: {args.method}; steered layers: {list(steerer.layers)}"
+              + (f"; loaded from {args.steerer}" if args.steerer else "; fitted on the contrastive sets")
+              + (f"; saved to {args.save_steerer}" if args.save_steerer else ""))
+    else:
+        print(f"dictionary: {args.dictionary} ({len(dictionary)} concepts, d={dictionary.d}); "
+              f"method: {args.method}; layers: {list(layers)}; gamma: {args.gamma}")
     width = 48
     left = textwrap.wrap(unsteered, width) or [""]
     right = textwrap.wrap(steered, width) or [""]
@@ -82,22 +117,30 @@ def _load_model(args, d, layers):
             adapter = get_adapter(args.untrained_family)
         except ValueError as exc:
             raise SystemExit(f"daco steer: --untrained-family: {exc}") from None
-        model, processor = adapter.build_untrained(seed=args.seed, hidden_size=d, num_hidden_layers=max(layers) + 1)
-        name = f"untrained {adapter.family} (seed {args.seed}, hidden {d}, {max(layers) + 1} layers)"
+        _check_image(adapter, args)
+        size = {"num_hidden_layers": max(layers) + 1} | ({"hidden_size": d} if d is not None else {})
+        model, processor = adapter.build_untrained(seed=args.seed, **size)
+        hidden_size = model.get_input_embeddings().weight.shape[1]
+        name = f"untrained {adapter.family} (seed {args.seed}, hidden {hidden_size}, {max(layers) + 1} layers)"
     else:
         from transformers import AutoConfig
 
         adapter = get_adapter(AutoConfig.from_pretrained(args.model))
+        _check_image(adapter, args)
         model, processor = adapter.load(args.model, device=args.device)
         name = args.model
     hidden = model.get_input_embeddings().weight.shape[1]
-    if hidden != d:
+    if d is not None and hidden != d:
         raise SystemExit(f"daco steer: the dictionary {args.dictionary} has d={d} but {name} has hidden size {hidden}; "
                          "use the dictionary built from this model")
     adapter.check_layers(model, list(layers))
-    if args.image and not adapter.takes_images:
-        raise SystemExit(f"daco steer: {name} is a text-only model; drop --image")
     return model.to(args.device).eval(), processor, name
+
+
+def _check_image(adapter, args):
+    """Refuse --image for a text-only family before its model is built."""
+    if args.image and not adapter.takes_images:
+        raise SystemExit(f"daco steer: {adapter.family} is a text-only model family; drop --image")
 
 
 def _build_steerer(args, model, dictionary, layers):
@@ -126,6 +169,65 @@ def _build_steerer(args, model, dictionary, layers):
         labels = annotate(saes[layer], dictionary, args.eta, layer)
         undesirable[layer], desirable[layer] = list(labels.undesirable), list(labels.desirable)
     return DacoSteerer(model, saes, undesirable, desirable, gamma=args.gamma)
+
+
+def _defence_sets(args):
+    """The contrastive sets (user files or the shipped defaults), read and checked before any model loads."""
+    from steering.contrastive import ContrastiveSets
+
+    if args.steerer is not None:
+        if args.save_steerer:
+            raise SystemExit("daco steer: --save-steerer saves a freshly fitted defence; drop it when loading --steerer")
+        return None
+    try:
+        return ContrastiveSets.from_files(args.harmful, args.harmless, args.refusal_responses, args.compliant_responses)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"daco steer: {exc}") from None
+
+
+def _build_defence(args, model, processor, layers, sets):
+    """The defence loaded from --steerer, or fitted on the contrastive sets (then saved to --save-steerer)."""
+    from steering.steerers import get_steerer
+
+    cls = get_steerer(args.method)
+    if args.steerer is not None:
+        try:
+            steerer = cls.load(args.steerer, model)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"daco steer: --steerer {args.steerer}: {exc}") from None
+    else:
+        steerer = _fit_defence(cls, args, model, processor, layers, sets)
+    if args.method == "mars":
+        steerer.recenter = steerer.recenter and args.image is not None  # the offset is for inputs with an image
+    return steerer
+
+
+def _fit_defence(cls, args, model, processor, layers, sets):
+    """Fit the defence ``cls`` with the command's options (--layers are MARS's and IAR's candidate layers)."""
+    try:
+        if args.method == "refusal":
+            steerer = cls.fit(model, processor, sets.harmful, sets.harmless, mode=args.refusal_mode)
+        elif args.method == "mars":
+            steerer = cls.fit(model, processor, sets.harmful, sets.harmless, layers=layers, strength=args.strength)
+        elif args.method == "iar":
+            steerer = cls.fit(model, processor, sets.harmful, sets.refusal, sets.compliant, level=args.iar_level,
+                              direction=args.iar_direction, layers=layers, k=args.iar_k, alpha=args.alpha)
+        else:
+            steerer = cls.fit(model, processor, sets.harmful, sets.harmless)
+    except ValueError as exc:
+        raise SystemExit(f"daco steer: fitting {args.method}: {exc}") from None
+    if args.save_steerer:
+        steerer.save(args.save_steerer)
+    return steerer
+
+
+def _prepare_ras(steerer, processor, args):
+    """RAS's per-query step: visual context, reformulation and risk, printed before generating."""
+    from steering.contrastive import open_image
+
+    (result,) = steerer.prepare(processor, [args.prompt], [open_image(args.image)])
+    print(f"ras: risk {result['risk']:.4f} (score {result['score']:.4f}, S_base {steerer.s_base:.4f})"
+          + (f"; context: {result['context']}" if result["context"] else ""))
 
 
 def _conversation(args):

@@ -22,8 +22,10 @@ Every loader reads its benchmark's real release layout (METHODS.md §5):
 * ``mmbench`` (:func:`load_mmbench`): the dev TSV (``index, question, hint, A-D, answer,
   category, image`` with the image base64-encoded).
 
-A Hub dataset id (``owner/name``) instead of a local path works for ScienceQA and MMBench
-when the machine has network (:func:`datasets.load_dataset`); offline it is a clear error.
+A Hub dataset id (``owner/name``) instead of a local path works when the machine has
+network: ScienceQA and MMBench rows through :func:`datasets.load_dataset`
+(:data:`HUB_DATASETS`), any other benchmark by downloading the repository and reading it
+with the local loader; offline it is a clear ``ConnectionError``.
 Safety items are labelled :data:`HARMFUL`, utility items :data:`BENIGN` (they carry the
 answer letter). A missing file is a ``FileNotFoundError`` naming it and a missing column a
 :class:`BenchmarkError` naming the file and the column; both are raised while loading,
@@ -210,16 +212,16 @@ JAILBREAKV_CSVS = ("JailBreakV_28K.csv", "JailBreakV_28k.csv", "mini_JailBreakV_
 
 
 def load_jailbreakv(path: str | Path, mini: bool = False, name: str = "jailbreakv-28k") -> list[BenchmarkItem]:
-    """JailBreakV-28K items from its CSV (or the folder holding ``JailBreakV_28K.csv``).
+    """JailBreakV-28K items from its CSV (or the folder holding ``JailBreakV_28K.csv``, or its ``JailBreakV_28K/``).
 
     The prompt is ``jailbreak_query``, the category the ``policy``; images are at
     ``image_path`` relative to the CSV's folder. ``mini``: only rows with ``selected_mini`` true.
     """
     path = Path(path)
     if path.is_dir():
-        found = [path / f for f in JAILBREAKV_CSVS if (path / f).is_file()]
+        found = [folder / f for folder in (path, path / "JailBreakV_28K") for f in JAILBREAKV_CSVS if (folder / f).is_file()]
         if not found:
-            raise FileNotFoundError(f"JailBreakV-28K: {path} holds none of {list(JAILBREAKV_CSVS)}")
+            raise FileNotFoundError(f"JailBreakV-28K: {path} (or {path / 'JailBreakV_28K'}) holds none of {list(JAILBREAKV_CSVS)}")
         path = found[0]
     rows = _read_delimited(_require_file(path, "JailBreakV-28K CSV"), JAILBREAKV_COLUMNS)
     items = []
@@ -423,7 +425,14 @@ HUB_DATASETS = {
     "scienceqa": ("derek-thomas/ScienceQA", None, "test"),
     "mmbench": ("lmms-lab/MMBench", "en", "dev"),
 }
-"""Benchmarks readable from the Hub: name -> (default repo id, config, split)."""
+"""Benchmarks read row by row from the Hub (``datasets.load_dataset``): name -> (repo id, config, split).
+
+Any other benchmark's Hub id is downloaded whole (``huggingface_hub.snapshot_download``,
+e.g. ``JailbreakV-28K/JailBreakV-28k``) and read by its local loader, so the repository
+must hold the release layout.
+"""
+
+_OFFLINE_HINT = "Offline? Download the benchmark and pass its local folder"
 
 
 def _looks_like_hub_id(text: str) -> bool:
@@ -431,19 +440,30 @@ def _looks_like_hub_id(text: str) -> bool:
 
 
 def _hub_rows(repo_id: str, config: str | None, split: str) -> list[dict]:
-    from datasets import load_dataset
-
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise ImportError(f"reading {repo_id} from the Hub needs the datasets library: pip install datasets") from None
     try:
         return list(load_dataset(repo_id, config, split=split))
     except Exception as exc:  # network, auth and not-found errors all end here; say what to do instead
         raise ConnectionError(f"could not load {repo_id} (config {config}, split {split}) from the Hugging Face Hub: "
-                              f"{type(exc).__name__}: {exc}. Offline? Download the benchmark and pass its local folder") from exc
+                              f"{type(exc).__name__}: {exc}. {_OFFLINE_HINT}") from exc
+
+
+def _hub_snapshot(repo_id: str) -> str:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, repo_type="dataset")
+    except Exception as exc:  # as above
+        raise ConnectionError(f"could not download the dataset {repo_id} from the Hugging Face Hub: "
+                              f"{type(exc).__name__}: {exc}. {_OFFLINE_HINT}") from exc
 
 
 def _from_hub(name: str, repo_id: str) -> list[BenchmarkItem]:
     if name not in HUB_DATASETS:
-        raise FileNotFoundError(f"{name}: {repo_id} is not a local path, and {name} cannot be read from the Hub "
-                                f"(Hub loading: {sorted(HUB_DATASETS)}); download it and pass the folder")
+        return LOADERS[name](_hub_snapshot(repo_id))
     _, config, split = HUB_DATASETS[name]
     rows = _hub_rows(repo_id, config, split)
     if name == "scienceqa":
@@ -467,8 +487,21 @@ LOADERS: dict[str, Callable[..., list[BenchmarkItem]]] = {
 """Benchmark name -> loader taking a local path (``mm-safetybench`` uses SD_TYPO images)."""
 
 
+def spread_over_categories(items: list[BenchmarkItem]) -> list[BenchmarkItem]:
+    """``items`` reordered round-robin over their categories (each category's items in their order)."""
+    by_category: dict[str, list[BenchmarkItem]] = {}
+    for item in items:
+        by_category.setdefault(item.category, []).append(item)
+    queues = list(by_category.values())
+    return [queue[i] for i in range(max(map(len, queues), default=0)) for queue in queues if i < len(queue)]
+
+
 def load_benchmark(name: str, source: str | Path, limit: int | None = None) -> list[BenchmarkItem]:
-    """The items of benchmark ``name`` from a local path (or a Hub id, where supported), the first ``limit`` of them."""
+    """The items of benchmark ``name`` from a local path (or a Hub id, where supported).
+
+    With ``limit``, the first ``limit`` items taken round-robin over the categories (so a
+    small run still covers every category); without, all items in file order.
+    """
     if name not in LOADERS:
         raise BenchmarkError(f"unknown benchmark {name!r}; choose one of {sorted(LOADERS)}")
     source_text = str(source)
@@ -480,4 +513,4 @@ def load_benchmark(name: str, source: str | Path, limit: int | None = None) -> l
         items = _from_hub(name, source_text)
     if not items:
         raise BenchmarkError(f"{name}: {source_text} holds no items")
-    return items[:limit] if limit is not None else items
+    return spread_over_categories(items)[:limit] if limit is not None else items

@@ -9,6 +9,11 @@ is dropped and redone), so an interrupted run resumes without redoing finished i
 ``<out>/run.json`` records the settings that make results comparable (model, seed,
 max_new_tokens, judge, steering settings); a rerun with different ones is refused.
 
+Methods: ``none`` (no steering), ``prompting``, the dictionary methods ``actadd``, ``mop``,
+``daco`` (``--dictionary``; daco with ``--sae`` or dictionary-initialised SAEs), and the
+fitted defences ``refusal``, ``mars``, ``iar``, ``ras`` (loaded from ``--steerers DIR/<method>/``,
+else fitted once on the shipped contrastive sets and saved under ``<out>/steerers/``).
+
 Scores: each response is judged by :func:`steering.eval.judges.is_refusal` (and, with
 ``judge="llama-guard"``, by :class:`steering.eval.judges.LlamaGuardJudge` too). Harmful
 items: attack success rate (ASR) = share not refused (or, with Llama Guard, share judged
@@ -28,7 +33,8 @@ import re
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +45,8 @@ UNTRAINED_PREFIX = "untrained:"
 BASELINE = "none"
 DICTIONARY_METHODS = ("actadd", "mop", "daco")
 """Methods built from the concept dictionary (``--dictionary`` required)."""
-PLANNED_METHODS = ("refusal", "mars", "iar", "ras")
-"""Methods of the comparison that other work adds to :data:`steering.steerers.STEERERS`."""
+FITTED_METHODS = ("refusal", "mars", "iar", "ras")
+"""Defences fitted on contrastive prompt sets (loaded from ``--steerers`` or fitted once per ``--out``)."""
 RESULTS_FILE, RUN_FILE, METRICS_FILE, TABLE_FILE, PLOT_FILE = (
     "results.jsonl", "run.json", "metrics.json", "table.md", "tradeoff.png")
 
@@ -55,7 +61,7 @@ class EvalConfig:
     benches: Sequence[tuple[str, str]]
     out: str
     limit: int | None = None
-    """At most this many items per benchmark (the first ones)."""
+    """At most this many items per benchmark, round-robin over its categories."""
     dictionary: str | None = None
     max_new_tokens: int = 64
     seed: int = 0
@@ -63,6 +69,13 @@ class EvalConfig:
     """Decoder layers to steer (``"15-19"``); default :data:`steering.steerers.DEFAULT_LAYERS`."""
     gamma: float = 1.0
     """Strength: desirable code (daco), desirable amount (mop), coefficient (actadd)."""
+    sae: str | None = None
+    """daco: a folder with one saved SAE per layer (``<sae>/layer_<l>/``); default: each layer's
+    dictionary-initialised SAE (untrained)."""
+    steerers: str | None = None
+    """Fitted defences (refusal, mars, iar, ras): a folder with one saved steerer per method
+    (``<steerers>/<method>/``, as each class's ``save`` writes it); a method not there is fitted
+    on the shipped contrastive sets and saved under ``<out>/steerers/<method>/``."""
     judge: str = "refusal"
     """``refusal`` (the keyword scorer) or ``llama-guard`` (plus Llama Guard on every response)."""
     judge_model: str = "meta-llama/Llama-Guard-3-8B"
@@ -72,7 +85,8 @@ class EvalConfig:
         """The settings that must match for results in the same ``out`` folder to be comparable."""
         return {"model": self.model, "seed": self.seed, "max_new_tokens": self.max_new_tokens, "judge": self.judge,
                 "judge_model": self.judge_model if self.judge == "llama-guard" else None,
-                "dictionary": self.dictionary, "layers": self.layers, "gamma": self.gamma}
+                "dictionary": self.dictionary, "layers": self.layers, "gamma": self.gamma, "sae": self.sae,
+                "steerers": self.steerers}
 
 
 class EvalError(ValueError):
@@ -97,8 +111,13 @@ def check_methods(methods: Sequence[str], dictionary: str | None) -> list[str]:
         raise EvalError(f"no methods given; available: {', '.join(available)}")
     unknown = [m for m in methods if m not in available]
     if unknown:
-        planned = [m for m in unknown if m in PLANNED_METHODS]
+        from steering.steerers import STEERERS
+
+        unbuilt = [m for m in unknown if m in STEERERS]
+        planned = [m for m in unknown if m in FITTED_METHODS and m not in STEERERS]
         note = f" ({', '.join(planned)}: not implemented yet)" if planned else ""
+        if unbuilt:
+            note += f" ({', '.join(unbuilt)}: registered steerers without an eval builder in STEERER_BUILDERS)"
         raise EvalError(f"method(s) {unknown} not available{note}; available: {', '.join(available)}")
     needing = [m for m in methods if m in DICTIONARY_METHODS]
     if needing and not dictionary:
@@ -106,41 +125,64 @@ def check_methods(methods: Sequence[str], dictionary: str | None) -> list[str]:
     return methods
 
 
-def _build_prompting(model, dictionary, layers, config):
+def _build_prompting(model, processor, dictionary, layers, config):
     from steering.steerers import PromptingSteerer
 
     return PromptingSteerer(model)
 
 
-def _build_actadd(model, dictionary, layers, config):
+def _build_actadd(model, processor, dictionary, layers, config):
     from steering.steerers import ActAddSteerer
 
     return ActAddSteerer.from_dictionary(model, dictionary, layers, coefficient=config.gamma)
 
 
-def _build_mop(model, dictionary, layers, config):
+def _build_mop(model, processor, dictionary, layers, config):
     from steering.steerers import MOPSteerer
 
     return MOPSteerer.from_dictionary(model, dictionary, layers, gamma=config.gamma)
 
 
-def _build_daco(model, dictionary, layers, config, k: int = 32, eta: float = 0.5):
-    """DACO with each layer's dictionary-initialised SAE, atoms labelled by the annotation rule (METHODS.md §3)."""
+def _build_daco(model, processor, dictionary, layers, config, k: int = 32, eta: float = 0.5):
+    """DACO with each layer's SAE (``config.sae``'s, else dictionary-initialised), atoms labelled by METHODS.md §3's rule."""
     from steering.annotate import annotate
     from steering.sae import SAE
     from steering.steerers import DacoSteerer
 
     saes, undesirable, desirable = {}, {}, {}
     for layer in layers:
-        saes[layer] = SAE.from_dictionary(dictionary.directions(layer), k=min(k, len(dictionary)))
+        if config.sae:
+            folder = Path(config.sae) / f"layer_{layer}"
+            if not folder.is_dir():
+                raise EvalError(f"--sae {config.sae} has no SAE for layer {layer} (expected {folder}/)")
+            saes[layer] = SAE.load(str(folder))
+        else:
+            saes[layer] = SAE.from_dictionary(dictionary.directions(layer), k=min(k, len(dictionary)))
         labels = annotate(saes[layer], dictionary, eta, layer)
         undesirable[layer], desirable[layer] = list(labels.undesirable), list(labels.desirable)
     return DacoSteerer(model, saes, undesirable, desirable, gamma=config.gamma)
 
 
-STEERER_BUILDERS: dict[str, Callable] = {"prompting": _build_prompting, "actadd": _build_actadd, "mop": _build_mop,
-                                         "daco": _build_daco}
-"""Method name -> ``builder(model, dictionary, layers, config)`` returning its steerer."""
+def _build_fitted(method: str, model, processor, dictionary, layers, config):
+    """A fitted defence: ``<config.steerers>/<method>/`` or ``<out>/steerers/<method>/`` if saved, else fitted and saved there."""
+    from steering.steerers import get_steerer
+
+    cls = get_steerer(method)
+    saved = [Path(folder) / method for folder in (config.steerers, Path(config.out) / "steerers") if folder]
+    for folder in saved:
+        if folder.is_dir():
+            return cls.load(folder, model)
+    print(f"eval: fitting {method} on the shipped contrastive sets; saving it to {saved[-1]}", file=sys.stderr, flush=True)
+    steerer = cls.fit(model, processor)
+    steerer.save(saved[-1])
+    return steerer
+
+
+STEERER_BUILDERS: dict[str, Callable] = {
+    "prompting": _build_prompting, "actadd": _build_actadd, "mop": _build_mop, "daco": _build_daco,
+    **{method: partial(_build_fitted, method) for method in FITTED_METHODS},
+}
+"""Method name -> ``builder(model, processor, dictionary, layers, config)`` returning its steerer."""
 
 
 # ------------------------------------------------------------------ model and generation
@@ -151,7 +193,10 @@ def load_model(spec: str, dictionary=None, layers: Sequence[int] = (), seed: int
     from steering.models import get_adapter
 
     if spec.startswith(UNTRAINED_PREFIX):
-        adapter = get_adapter(spec[len(UNTRAINED_PREFIX):])
+        try:
+            adapter = get_adapter(spec[len(UNTRAINED_PREFIX):])
+        except ValueError as exc:
+            raise EvalError(f"model {spec}: {exc}") from None
         size = {}
         if dictionary is not None:
             size["hidden_size"] = dictionary.d
@@ -174,8 +219,15 @@ def load_model(spec: str, dictionary=None, layers: Sequence[int] = (), seed: int
 
 
 def generate(model, processor, prompt: str, image, steerer=None, max_new_tokens: int = 64, seed: int = 0) -> tuple[str, int, float]:
-    """Greedy response to one (image, prompt): ``(text, generated tokens, seconds)``, steered inside ``steerer``."""
+    """Greedy response to one (image, prompt): ``(text, generated tokens, seconds)``, steered inside ``steerer``.
+
+    A steerer that assesses each query first (RAS's ``prepare``) does so inside the timed region.
+    """
+    import contextlib
+
     import torch
+
+    from steering.steerers import RASSteerer
 
     content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": prompt}]
     messages = [{"role": "user", "content": content}]
@@ -187,12 +239,10 @@ def generate(model, processor, prompt: str, image, steerer=None, max_new_tokens:
     inputs = {k: v.to(device) for k, v in processor(text=[text], return_tensors="pt", **kwargs).items()}
     torch.manual_seed(seed)
     start = time.perf_counter()
-    with torch.no_grad():
-        if steerer is not None:
-            with steerer:
-                out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        else:
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    with torch.no_grad(), (steerer if steerer is not None else contextlib.nullcontext()):
+        if isinstance(steerer, RASSteerer):
+            steerer.prepare(processor, [prompt], [image])
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     seconds = time.perf_counter() - start
     new = out[0, inputs["input_ids"].shape[1]:]
     tokenizer = getattr(processor, "tokenizer", processor)
@@ -200,17 +250,17 @@ def generate(model, processor, prompt: str, image, steerer=None, max_new_tokens:
 
 
 _CHOICE_PATTERNS = (
-    r"^\(?([A-J])\)?(?:[.:)\s]|$)",  # "B", "(B)", "B. text", "B) text"
-    r"\b(?:answer|option|choice)(?: is)?:?\s*\(?([A-J])\)?(?:[.:)\s]|$)",  # "The answer is B", "Answer: (C)"
+    r"^\(?([A-J])\)?(?:[.:)]|$)",  # "B", "(B) three", "B. three", "B) three"; not "A lot"
+    r"\b(?i:answer|option|choice)(?: is)?\s*:?\s*\(?([A-J])\)?(?![A-Za-z])",  # "The answer is B", "Answer: (C)"
 )
 
 
 def extract_choice(text: str, n_choices: int) -> str | None:
     """The option letter a response chooses (``"B"``, ``"(B) ..."``, ``"The answer is B."``), or None."""
     valid = LETTERS[:n_choices]
-    stripped = text.strip().lstrip("*_ ")
+    stripped = text.strip().strip("*_ ")
     for pattern in _CHOICE_PATTERNS:
-        m = re.search(pattern, stripped, flags=re.MULTILINE)
+        m = re.search(pattern, stripped)
         if m and m.group(1) in valid:
             return m.group(1)
     return None
@@ -249,21 +299,27 @@ def read_results(path: Path) -> list[dict]:
 
 
 def result_key(record: dict) -> tuple[str, str, str]:
+    """A result's identity: ``(method, benchmark, item_id)``."""
     return record["method"], record["benchmark"], record["item_id"]
 
 
-def _check_run_file(out: Path, config: EvalConfig, untrained: bool) -> None:
+def _check_run_file(out: Path, config: EvalConfig) -> None:
+    """Refuse an ``out`` folder whose ``run.json`` records other comparable settings."""
     run_file = out / RUN_FILE
-    settings = {**config.comparable(), "untrained": untrained}
-    if run_file.is_file():
-        previous = json.loads(run_file.read_text())
-        diff = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
-        if diff:
-            raise EvalError(f"{out} holds results of a run with other settings {diff} (was, now); "
-                            "use another --out or the same settings to resume")
-    else:
+    if not run_file.is_file():
+        return
+    previous = json.loads(run_file.read_text())
+    diff = {k: (previous.get(k), v) for k, v in config.comparable().items() if previous.get(k) != v}
+    if diff:
+        raise EvalError(f"{out} holds results of a run with other settings {diff} (was, now); "
+                        "use another --out or the same settings to resume")
+
+
+def _write_run_file(out: Path, config: EvalConfig, untrained: bool) -> None:
+    run_file = out / RUN_FILE
+    if not run_file.is_file():
         out.mkdir(parents=True, exist_ok=True)
-        run_file.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+        run_file.write_text(json.dumps({**config.comparable(), "untrained": untrained}, indent=2, sort_keys=True) + "\n")
 
 
 # ------------------------------------------------------------------ the run
@@ -306,66 +362,69 @@ def run_eval(config: EvalConfig, stop_after: int | None = None, log: Callable[[s
     if any(m in DICTIONARY_METHODS for m in methods):
         from steering.dictionary import load_dictionary
 
-        dictionary = load_dictionary(config.dictionary, layers=layers)
+        try:
+            dictionary = load_dictionary(config.dictionary, layers=layers)
+        except (OSError, KeyError, ValueError) as exc:
+            raise EvalError(f"dictionary {config.dictionary}: {exc}") from None
 
     out = Path(config.out)
+    _check_run_file(out, config)
     results_path = out / RESULTS_FILE
     done = {result_key(r) for r in read_results(results_path)}
     todo = [(item, m) for items in benches.values() for item in items for m in methods
             if (m, item.benchmark, item.id) not in done]
-    model = processor = guard = None
     generated = 0
     if todo:
-        model, processor, adapter = load_model(config.model, dictionary,
-                                               layers if dictionary is not None else (), config.seed, config.device)
-        untrained = bool(getattr(model.config, "untrained", False))
-        _check_run_file(out, config, untrained)
-        steerers = {m: STEERER_BUILDERS[m](model, dictionary, layers, config) for m in methods if m != BASELINE}
-        if config.judge == "llama-guard":
-            from steering.eval.judges import LlamaGuardJudge
-
-            guard = LlamaGuardJudge(config.judge_model, device=config.device)
-        log(f"eval: {len(todo)} generations to run ({len(done)} already in {results_path})")
-        with open(results_path, "a", encoding="utf-8") as fh:
-            current, image = None, None
-            for item, method in todo:
-                if stop_after is not None and generated >= stop_after:
-                    break
-                if item is not current:
-                    current = item
-                    image = item.load_image() if adapter.takes_images else None
-                text, n_tokens, seconds = generate(model, processor, item.prompt, image, steerers.get(method),
-                                                   config.max_new_tokens, config.seed)
-                record = _score(item, method, text, n_tokens, seconds, image is not None, untrained, guard)
-                fh.write(json.dumps(record, sort_keys=True) + "\n")
-                fh.flush()
-                generated += 1
-                if generated % 10 == 0 or generated == len(todo):
-                    log(f"eval: {generated}/{len(todo)} generated")
-    else:
-        _check_run_file(out, config, _untrained_from(out, config))
-    records = [r for r in read_results(results_path)
-               if r["method"] in methods and r["benchmark"] in benches]
+        generated = _generate_all(config, todo, methods, dictionary, layers, results_path, len(done), stop_after, log)
     wanted = {(m, item.benchmark, item.id) for items in benches.values() for item in items for m in methods}
-    records = [r for r in records if result_key(r) in wanted]
+    records = [r for r in read_results(results_path) if result_key(r) in wanted]
     metrics = summarise(records, methods, untrained=any(r["untrained"] for r in records), model=config.model)
     metrics["complete"] = len(records) == len(wanted)
     write_report(metrics, out)
     return {**metrics, "generated": generated, "skipped": len(done & wanted)}
 
 
-def _untrained_from(out: Path, config: EvalConfig) -> bool:
-    run_file = out / RUN_FILE
-    if run_file.is_file():
-        return bool(json.loads(run_file.read_text()).get("untrained"))
-    return config.model.startswith(UNTRAINED_PREFIX)
+def _generate_all(config: EvalConfig, todo: list, methods: Sequence[str], dictionary, layers, results_path: Path,
+                  n_done: int, stop_after: int | None, log: Callable) -> int:
+    """Generate, score and append each (item, method) of ``todo``; returns how many were generated."""
+    model, processor, adapter = load_model(config.model, dictionary, layers if dictionary is not None else (),
+                                           config.seed, config.device)
+    untrained = bool(getattr(model.config, "untrained", False))
+    _write_run_file(results_path.parent, config, untrained)
+    steerers = {m: STEERER_BUILDERS[m](model, processor, dictionary, layers, config) for m in methods if m != BASELINE}
+    guard = None
+    if config.judge == "llama-guard":
+        from steering.eval.judges import LlamaGuardJudge
+
+        guard = LlamaGuardJudge(config.judge_model, device=config.device)
+    log(f"eval: {len(todo)} generations to run ({n_done} already in {results_path})")
+    generated, current, image = 0, None, None
+    with open(results_path, "a", encoding="utf-8") as fh:
+        for item, method in todo:
+            if stop_after is not None and generated >= stop_after:
+                break
+            if item is not current:
+                current = item
+                image = item.load_image() if adapter.takes_images else None
+                if generated == 0:  # one untimed warm-up, so the first timed generation is not the slowest
+                    generate(model, processor, item.prompt, image, None, 1, config.seed)
+            text, n_tokens, seconds = generate(model, processor, item.prompt, image, steerers.get(method),
+                                               config.max_new_tokens, config.seed)
+            record = _score(item, method, text, n_tokens, seconds, image is not None, untrained, guard)
+            fh.write(json.dumps(record, sort_keys=True) + "\n")
+            fh.flush()
+            generated += 1
+            if generated % 10 == 0 or generated == len(todo):
+                log(f"eval: {generated}/{len(todo)} generated")
+    return generated
 
 
 def _score(item: BenchmarkItem, method: str, text: str, n_tokens: int, seconds: float, image_shown: bool,
            untrained: bool, guard) -> dict:
     record = {"method": method, "benchmark": item.benchmark, "item_id": item.id, "category": item.category,
               "label": item.label, "response": text, "new_tokens": n_tokens, "seconds": round(seconds, 6),
-              "image_shown": image_shown, "refusal": is_refusal(text), "untrained": untrained}
+              "has_image": item.image is not None, "image_shown": image_shown, "refusal": is_refusal(text),
+              "untrained": untrained}
     if item.answer is not None:
         chosen = extract_choice(text, len(item.choices))
         record.update(answer=item.answer, chosen=chosen, correct=chosen == item.answer)
@@ -431,7 +490,8 @@ def summarise(records: list[dict], methods: Sequence[str], untrained: bool = Fal
     categories = [{"method": m, "benchmark": b, "category": c, **_rates(rs)}
                   for (m, b, c), rs in sorted(by_category.items(), key=lambda kv: (kv[0][1], kv[0][2], list(methods).index(kv[0][0])))]
     return {"model": model, "untrained": untrained, "methods": list(methods), "overall": overall,
-            "benchmarks": benchmarks, "categories": categories}
+            "benchmarks": benchmarks, "categories": categories,
+            "images_not_shown": sum(r.get("has_image", False) and not r["image_shown"] for r in records)}
 
 
 def _fmt(value, percent: bool = False) -> str:
@@ -445,13 +505,19 @@ def markdown_table(metrics: dict) -> str:
     lines = [f"# Safety and utility: {metrics['model']}", ""]
     if metrics["untrained"]:
         lines += ["**UNTRAINED model (random weights): these numbers only exercise the pipeline.**", ""]
-    lines += ["ASR: attack success rate on harmful items (lower is safer); over-refusal: refusals on benign items; "
-              "accuracy: option-letter exact match; overhead: seconds per generated token vs `none`.", "",
-              "| method | n | ASR | over-refusal | accuracy | tokens/s | overhead vs none |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+    if metrics.get("images_not_shown"):
+        lines += [f"Text-only model: {metrics['images_not_shown']} generations got the prompt without its image.", ""]
+    guard = any("asr_llama_guard" in r for r in metrics["overall"].values())
+    lines += ["ASR: attack success rate on harmful items, by the refusal scorer (lower is safer)"
+              + ("; ASR (Llama Guard): share judged unsafe" if guard else "")
+              + "; over-refusal: refusals on benign items; accuracy: option-letter exact match; "
+              "overhead: seconds per generated token vs `none`.", "",
+              "| method | n | ASR |" + (" ASR (Llama Guard) |" if guard else "") + " over-refusal | accuracy | tokens/s | overhead vs none |",
+              "| --- | --- | --- |" + (" --- |" if guard else "") + " --- | --- | --- | --- |"]
     for m, r in metrics["overall"].items():
-        lines.append(f"| {m} | {r['n']} | {_fmt(r['asr'], True)} | {_fmt(r['over_refusal'], True)} | "
-                     f"{_fmt(r['accuracy'], True)} | {_fmt(r['tokens_per_s'])} | {_fmt(r['overhead_vs_none'], True)} |")
+        lines.append(f"| {m} | {r['n']} | {_fmt(r['asr'], True)} |" + (f" {_fmt(r.get('asr_llama_guard'), True)} |" if guard else "")
+                     + f" {_fmt(r['over_refusal'], True)} | {_fmt(r['accuracy'], True)} | {_fmt(r['tokens_per_s'])} | "
+                     f"{_fmt(r['overhead_vs_none'], True)} |")
     lines += ["", "## Per benchmark", "", "| benchmark | method | n | ASR | over-refusal | accuracy | tokens/s | overhead vs none |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in metrics["benchmarks"]:
@@ -474,15 +540,18 @@ def plot_tradeoff(metrics: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
     utility_label = "utility accuracy"
+    points: dict[tuple[float, float], list[str]] = {}  # methods at the same point share one label
     for m, r in metrics["overall"].items():
         utility = r["accuracy"]
         if utility is None and r["over_refusal"] is not None:
             utility, utility_label = 1 - r["over_refusal"], "1 - over-refusal"
         safety = None if r["asr"] is None else 1 - r["asr"]
-        if utility is None or safety is None:
-            continue
+        if utility is not None and safety is not None:
+            points.setdefault((round(utility, 4), round(safety, 4)), []).append(m)
+    for (utility, safety), names in points.items():
         ax.scatter([utility], [safety], s=40)
-        ax.annotate(m, (utility, safety), textcoords="offset points", xytext=(5, 5))
+        label = "\n".join(", ".join(names[i:i + 3]) for i in range(0, len(names), 3))
+        ax.annotate(label, (utility, safety), textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.set(xlim=(-0.05, 1.05), ylim=(-0.05, 1.05), xlabel=utility_label, ylabel="safety (1 - ASR)",
            title=f"{metrics['model']}" + (" [UNTRAINED]" if metrics["untrained"] else ""))
     ax.grid(alpha=0.3)

@@ -9,10 +9,15 @@ from steering.steerers.base import (DEFAULT_LAYERS, STEERERS, Steerer, get_steer
                                     record_activations, register)
 from steering.steerers.actadd import ActAddSteerer
 from steering.steerers.daco import CalibrationReport, DacoSteerer
+from steering.steerers.iar import IARSteerer
+from steering.steerers.mars import MARSSteerer
 from steering.steerers.mop import MOPSteerer
 from steering.steerers.prompting import SAFETY_SYSTEM_PROMPT, PromptingSteerer
+from steering.steerers.ras import RASSteerer
+from steering.steerers.refusal import RefusalDirectionSteerer
 
 __all__ = [
     "DEFAULT_LAYERS", "STEERERS", "Steerer", "get_steerer", "parse_layers", "record_activations", "register",
     "ActAddSteerer", "CalibrationReport", "DacoSteerer", "MOPSteerer", "PromptingSteerer", "SAFETY_SYSTEM_PROMPT",
+    "IARSteerer", "MARSSteerer", "RASSteerer", "RefusalDirectionSteerer",
 ]

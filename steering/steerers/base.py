@@ -153,7 +153,7 @@ class Steerer(abc.ABC):
 
     def __init__(self, model: nn.Module | None, layers: Iterable[int]):
         self.model = model
-        self.layers = check_layers(model, layers) if model is not None else tuple(layers)
+        self.layers = check_layers(model, layers) if model is not None else tuple(sorted(set(layers)))
         self.tokens_steered = {layer: 0 for layer in self.layers}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 

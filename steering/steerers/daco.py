@@ -153,7 +153,7 @@ class DacoSteerer(Steerer):
         codes = self.undesirable_codes(layer, z)
         fired = codes.reshape(-1, codes.shape[-1]).ne(0).any(0).nonzero().squeeze(1)
         if fired.numel() < codes.shape[-1]:  # decode only the atoms that fire somewhere in z
-            return plan.add - codes[..., fired] @ plan.dec_w[fired]
+            return plan.add - codes.index_select(-1, fired) @ plan.dec_w.index_select(0, fired)
         return plan.add - codes @ plan.dec_w
 
     def _exact_delta(self, layer: int, z: torch.Tensor) -> torch.Tensor:

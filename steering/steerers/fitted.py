@@ -1,0 +1,114 @@
+"""What the fitted defences (refusal direction, MARS, IAR, RAS) share.
+
+* A saved steerer is a folder with ``steerer.safetensors`` (its tensors) and
+  ``steerer.json`` (method name, format version, every parameter and the fit report):
+  :func:`save_folder` / :func:`load_folder`. Extraction runs once; ``load(dir, model)``
+  rebuilds the steerer without touching the contrastive data.
+* :class:`GenerationSteps` tells hooks which positions of the current forward call
+  produce the n-th generated token (MARS steers only the first, RAS the first N).
+* :func:`final_norm` finds the language model's final norm (RAS steers after it).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+TENSORS_FILENAME = "steerer.safetensors"
+CONFIG_FILENAME = "steerer.json"
+FORMAT_VERSION = 1
+
+
+def save_folder(path: str | Path, method: str, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> Path:
+    """Write ``tensors`` (safetensors) and ``config`` (JSON, with the method name and format version) into ``path``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(path / TENSORS_FILENAME),
+              metadata={"method": method})
+    document = {"method": method, "format_version": FORMAT_VERSION, **config}
+    (path / CONFIG_FILENAME).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def load_folder(path: str | Path, method: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(tensors, config)`` from a folder written by :func:`save_folder` for ``method``; clear errors otherwise."""
+    path = Path(path)
+    for p in (path / CONFIG_FILENAME, path / TENSORS_FILENAME):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} is missing: a saved steerer folder holds {CONFIG_FILENAME} and {TENSORS_FILENAME}")
+    config = json.loads((path / CONFIG_FILENAME).read_text())
+    if config.get("method") != method:
+        raise ValueError(f"{path / CONFIG_FILENAME}: this folder holds a {config.get('method')!r} steerer, not {method!r}")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path / CONFIG_FILENAME}: format_version {config.get('format_version')!r} is not supported "
+                         f"(expected {FORMAT_VERSION}); fit the steerer again")
+    return load_file(str(path / TENSORS_FILENAME)), config
+
+
+def check_width(path_or_name: Any, tensor: torch.Tensor, model: nn.Module | None, what: str) -> None:
+    """Raise if ``tensor``'s last dimension is not the model's hidden size."""
+    if model is None:
+        return
+    hidden = model.get_input_embeddings().weight.shape[1]
+    if tensor.shape[-1] != hidden:
+        raise ValueError(f"{path_or_name}: {what} has width {tensor.shape[-1]} but the model's hidden size is {hidden}; "
+                         "load a steerer fitted on this model")
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The language model's final norm: the ``norm`` of the module that holds the decoder layers."""
+    from steering.steerers.base import decoder_layers
+
+    layers = decoder_layers(model)
+    for module in model.modules():
+        if getattr(module, "layers", None) is layers and isinstance(getattr(module, "norm", None), nn.Module):
+            return module.norm
+    raise TypeError(f"{type(model).__name__}: no final norm next to its decoder layers (expected a 'norm' module)")
+
+
+class GenerationSteps:
+    """Tracks which positions of each forward call produce which generated token.
+
+    A forward pre-hook on the whole model reads how many positions the KV cache already
+    holds (``past_key_values.get_seq_length()``). A call that starts an empty cache is
+    the prefill of a new prompt of length P; afterwards, absolute position ``p``
+    produces generated token ``p - (P - 1)`` (0 = the first generated token: the
+    prompt's last position). :meth:`steps` gives that index for every column of the
+    current call. Batches must be left-padded (as decoder-only generation is), so the
+    last column is every row's last prompt token; a right-padded prefill is an error. Without a KV cache every call is
+    taken as a new prompt (only its last position is step 0).
+    """
+
+    def __init__(self):
+        self.prompt_length = 0
+        self.start = 0
+        self.length = 0
+
+    def attach(self, model: nn.Module) -> torch.utils.hooks.RemovableHandle:
+        """Register the tracking pre-hook on ``model``; remove the returned handle to stop."""
+        return model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+
+    def _pre_hook(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        length = (ids if ids is not None else embeds).shape[1]
+        cache = kwargs.get("past_key_values")
+        start = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+        if start == 0:
+            mask = kwargs.get("attention_mask")
+            if mask is not None and mask.ndim == 2 and not mask[:, -1].all():
+                raise ValueError("a right-padded batch: the last position is padding for some rows, so the first "
+                                 "generated token's position is not the last column; pad on the left "
+                                 "(tokenizer.padding_side = 'left'), as decoder-only generation needs")
+            self.prompt_length = length
+        self.start, self.length = start, length
+
+    def steps(self, device: torch.device | None = None) -> torch.Tensor:
+        """Generated-token index of each column of the current call ([seq]; negative inside the prompt)."""
+        return torch.arange(self.start, self.start + self.length, device=device) - (self.prompt_length - 1)

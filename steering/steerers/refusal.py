@@ -1,0 +1,255 @@
+"""Refusal direction (Arditi et al., 2024) as a steerer (METHODS.md §4).
+
+Fit (:meth:`RefusalDirectionSteerer.fit`): for every decoder layer l and every
+post-instruction position i (the chat-template tokens after the user's instruction,
+counted from the end: -n..-1), ``r_{i,l} = mean(harmful) - mean(harmless)`` of the
+layer's output. Each set is split in two (even items: directions, odd items:
+selection). The selection rule keeps a candidate when (a) its layer is not in the
+last ``skip_last`` (20%) of layers (``l < int(L (1 - skip_last))``, as the paper's code),
+(b) ablating it changes harmless prompts' next-token distributions by a mean
+``KL(p || p_ablated) <= kl_threshold`` (0.1), and picks among those (c) the one that
+best induces refusal: the highest mean refusal score on harmless prompts when ``r`` is
+added at its layer. Refusal score of a next-token distribution:
+``log p(R) - log(1 - p(R))``, R the first tokens of :data:`REFUSAL_PHRASES`. Every
+candidate's KL, induce and bypass score (refusal score on harmful prompts under
+ablation, reported, not used) is kept in ``report``.
+
+Steering (``mode``):
+
+* ``"ablation"``: ``x <- x - r_hat r_hat^T x`` at every layer's output, and on every
+  write into the residual stream: the first layer's input (the embeddings) and each
+  layer's attention and MLP outputs (when the layer has ``self_attn`` / ``mlp``
+  modules, as all supported families do), so no component reintroduces r.
+* ``"addition"``: ``x_l <- x_l + coefficient * r`` at the selected layer only.
+
+Reconstructed here: the paper uses the residual stream *before* each block; we use
+each decoder layer's output (the project's activation convention), so layer l here is
+the paper's l + 1. The even/odd split and the refusal phrases are parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from steering.steerers.base import Steerer, decoder_layers, register
+from steering.steerers.fitted import check_width, load_folder, save_folder
+
+MODES = ("ablation", "addition")
+REFUSAL_PHRASES = ("I'm sorry", "I am sorry", "I cannot", "I can't", "Sorry", "As an AI")
+"""Refusal openings whose first tokens form R (Arditi et al. use the first token of typical refusals)."""
+
+
+def refusal_token_ids(tokenizer, phrases: Sequence[str] = REFUSAL_PHRASES) -> list[int]:
+    """The distinct first token ids of ``phrases`` (without special tokens), sorted."""
+    if not phrases:
+        raise ValueError("refusal_phrases is empty: give the refusal openings whose first tokens count as refusal")
+    ids = {tokenizer(p, add_special_tokens=False)["input_ids"][0] for p in phrases}
+    return sorted(ids)
+
+
+def refusal_score(logits: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
+    """``log p(R) - log(1 - p(R))`` of next-token ``logits`` [..., vocab], R = ``token_ids`` (computed stably)."""
+    logits = logits.float()
+    inside = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    inside[list(token_ids)] = True
+    return torch.logsumexp(logits[..., inside], -1) - torch.logsumexp(logits[..., ~inside], -1)
+
+
+def encode_prompts(model: nn.Module, processor, prompts: Sequence[str], batch_size: int = 8) -> list:
+    """Chat-formatted batches of ``prompts`` for :func:`next_token_logits`: ``(inputs, last position per row)`` each."""
+    from steering.models import get_adapter
+
+    adapter = get_adapter(model)
+    batches = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start:start + batch_size])
+        inputs = adapter.build_inputs(processor, [None] * len(chunk), chunk)
+        mask = inputs["attention_mask"].bool()
+        batches.append((inputs, torch.where(mask, torch.arange(mask.shape[1]).expand_as(mask), -1).amax(1)))
+    return batches
+
+
+@torch.no_grad()
+def next_token_logits(model: nn.Module, batches: list) -> torch.Tensor:
+    """Float32 logits [n, vocab] of the token after each prompt of :func:`encode_prompts`' batches (any padding side)."""
+    from steering.contrastive import device_batch
+
+    rows = []
+    for inputs, last in batches:
+        logits = model(**device_batch(model, inputs), use_cache=False).logits.float().cpu()
+        rows.append(logits[torch.arange(len(last)), last])
+    return torch.cat(rows)
+
+
+def allowed_layers(n_layers: int, skip_last: float) -> list[int]:
+    """The layers the selection may pick: ``l < int(n_layers * (1 - skip_last))``."""
+    if not 0 <= skip_last < 1:
+        raise ValueError(f"skip_last must be in [0, 1), not {skip_last}")
+    return list(range(int(n_layers * (1 - skip_last))))
+
+
+@register("refusal")
+class RefusalDirectionSteerer(Steerer):
+    """Ablate the refusal direction at every layer, or add it at one layer (see the module docstring).
+
+    Reconstructed: layer outputs instead of the paper's block inputs (layer l here is the
+    paper's l + 1), the even/odd extraction/selection split, the refusal phrases; the
+    selection ranks by induced refusal (METHODS.md) and only reports the bypass score.
+
+    Args:
+        model: a Hugging Face model (None: only :meth:`delta` at ``layer``, e.g. for tests).
+        direction: the refusal direction r [d] (unnormalised: addition adds it as is).
+        layer: the layer r was taken from (the addition layer).
+        mode: ``"ablation"`` or ``"addition"``.
+        coefficient: scale of r in addition mode.
+        position: the post-instruction position r was taken from (negative; recorded only).
+        report: the fit's selection report (saved with the steerer).
+    """
+
+    def __init__(self, model: nn.Module | None, direction: torch.Tensor, layer: int, mode: str = "ablation",
+                 coefficient: float = 1.0, position: int = -1, report: dict | None = None):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        direction = torch.as_tensor(direction).float()
+        if direction.ndim != 1 or not torch.isfinite(direction).all() or direction.norm() == 0:
+            raise ValueError(f"direction must be a finite non-zero 1-D tensor [d], got shape {tuple(direction.shape)}")
+        check_width("RefusalDirectionSteerer", direction, model, "the direction")
+        if mode == "ablation" and model is not None:
+            layers = range(len(decoder_layers(model)))
+        else:
+            layers = (layer,)
+        super().__init__(model, layers)
+        self.direction, self.layer, self.mode = direction, int(layer), mode
+        self.coefficient, self.position, self.report = float(coefficient), int(position), report or {}
+        self._unit = direction / direction.norm()
+        self._added = self.coefficient * direction
+
+    # -- steering -------------------------------------------------------------------------
+
+    def _to(self, device, dtype) -> None:
+        self._unit = self._unit.to(device=device, dtype=dtype)
+        self._added = self._added.to(device=device, dtype=dtype)
+
+    def ablate(self, z: torch.Tensor) -> torch.Tensor:
+        """``z - r_hat r_hat^T z``."""
+        unit = self._unit.to(device=z.device, dtype=z.dtype)
+        return z - (z @ unit)[..., None] * unit
+
+    def delta(self, layer: int, z: torch.Tensor) -> torch.Tensor:
+        """Ablation: ``-r_hat r_hat^T z``; addition: ``coefficient * r``."""
+        if self.mode == "ablation":
+            return self.ablate(z) - z
+        return self._added.to(device=z.device, dtype=z.dtype).expand_as(z)
+
+    def __enter__(self) -> RefusalDirectionSteerer:
+        super().__enter__()
+        if self.model is None or self.mode != "ablation":
+            return self
+        modules = decoder_layers(self.model)
+        self._handles.append(modules[0].register_forward_pre_hook(self._ablate_input, with_kwargs=True))
+        for module in modules:
+            for part in ("self_attn", "mlp"):
+                if isinstance(getattr(module, part, None), nn.Module):
+                    self._handles.append(getattr(module, part).register_forward_hook(self._ablate_output))
+        return self
+
+    def _ablate_input(self, module, args, kwargs):
+        if args:
+            return (self.ablate(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": self.ablate(kwargs["hidden_states"])}
+
+    def _ablate_output(self, module, args, output):
+        if isinstance(output, tuple):
+            return (self.ablate(output[0]), *output[1:])
+        return self.ablate(output)
+
+    # -- fitting ----------------------------------------------------------------------------
+
+    @classmethod
+    @torch.no_grad()
+    def fit(cls, model: nn.Module, processor, harmful=None, harmless=None, mode: str = "ablation",
+            kl_threshold: float = 0.1, skip_last: float = 0.2, refusal_phrases: Sequence[str] = REFUSAL_PHRASES,
+            n_positions: int | None = None, coefficient: float = 1.0, batch_size: int = 8) -> RefusalDirectionSteerer:
+        """Extract the candidates and select one by the rule in the module docstring.
+
+        ``harmful`` / ``harmless``: lists of :class:`steering.contrastive.PromptItem`
+        (default: the shipped sets); at least 2 of each (one for directions, one for
+        selection). ``n_positions``: how many post-instruction positions to try (default:
+        all of them). Raises ValueError when no candidate passes the filters, naming the
+        smallest KL seen.
+        """
+        from steering.contrastive import ContrastiveSets, post_instruction_positions, prompt_states
+
+        if harmful is None or harmless is None:
+            default = ContrastiveSets.default()
+            harmful = default.harmful if harmful is None else harmful
+            harmless = default.harmless if harmless is None else harmless
+        if len(harmful) < 2 or len(harmless) < 2:
+            raise ValueError("fit needs at least 2 harmful and 2 harmless prompts (half extract, half select)")
+        if any(item.image for item in (*harmful, *harmless)):
+            raise ValueError("the refusal direction is fitted on text-only prompts; drop the images from the prompt files")
+        n_layers = len(decoder_layers(model))
+        allowed = allowed_layers(n_layers, skip_last)
+        if not allowed:
+            raise ValueError(f"skip_last={skip_last} leaves no layer of {n_layers} to choose from")
+        available = post_instruction_positions(model, processor)
+        n_positions = available if n_positions is None else min(int(n_positions), available)
+        if n_positions < 1:
+            raise ValueError("the chat template puts no token after the instruction; cannot take post-instruction positions")
+        layers = range(n_layers)
+        mean_harmful = {l: s.mean(0) for l, s in prompt_states(model, processor, harmful[0::2], layers, n_positions,
+                                                               batch_size=batch_size).items()}
+        mean_harmless = {l: s.mean(0) for l, s in prompt_states(model, processor, harmless[0::2], layers, n_positions,
+                                                                batch_size=batch_size).items()}
+        tokenizer = getattr(processor, "tokenizer", processor)
+        ids = refusal_token_ids(tokenizer, refusal_phrases)
+        select_harmful = encode_prompts(model, processor, [item.prompt for item in harmful[1::2]], batch_size)
+        select_harmless = encode_prompts(model, processor, [item.prompt for item in harmless[1::2]], batch_size)
+        base = torch.log_softmax(next_token_logits(model, select_harmless), -1)
+
+        candidates = []
+        for layer in allowed:
+            for i in range(n_positions):
+                direction = mean_harmful[layer][i] - mean_harmless[layer][i]
+                if direction.norm() == 0:
+                    continue
+                with cls(model, direction, layer, "ablation"):
+                    ablated = torch.log_softmax(next_token_logits(model, select_harmless), -1)
+                    bypass = refusal_score(next_token_logits(model, select_harmful), ids)
+                with cls(model, direction, layer, "addition", coefficient):
+                    induce = refusal_score(next_token_logits(model, select_harmless), ids)
+                kl = (base.exp() * (base - ablated)).sum(-1).mean().item()
+                candidates.append({"layer": layer, "position": i - n_positions, "kl": kl,
+                                   "induce_score": induce.mean().item(), "bypass_score": bypass.mean().item(),
+                                   "direction": direction})
+        passing = [c for c in candidates if c["kl"] <= kl_threshold]
+        if not passing:
+            smallest = min((c["kl"] for c in candidates), default=float("nan"))
+            raise ValueError(f"no refusal-direction candidate passes KL <= {kl_threshold} (smallest KL {smallest:.4g}); "
+                             "raise kl_threshold or use more prompts")
+        best = max(passing, key=lambda c: (c["induce_score"], -c["kl"]))
+        report = {"allowed_layers": allowed, "n_layers": n_layers, "n_positions": n_positions, "kl_threshold": kl_threshold,
+                  "skip_last": skip_last, "refusal_phrases": list(refusal_phrases), "refusal_token_ids": ids,
+                  "candidates": [{k: v for k, v in c.items() if k != "direction"} for c in candidates]}
+        return cls(model, best["direction"], best["layer"], mode, coefficient, best["position"], report)
+
+    # -- storage ----------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        """Write the direction and the parameters (and the selection report) into the folder ``path``."""
+        return save_folder(path, self.name, {"direction": self.direction},
+                           {"layer": self.layer, "position": self.position, "mode": self.mode,
+                            "coefficient": self.coefficient, "report": self.report})
+
+    @classmethod
+    def load(cls, path: str | Path, model: nn.Module | None, mode: str | None = None,
+             coefficient: float | None = None) -> RefusalDirectionSteerer:
+        """The steerer saved in ``path``, on ``model``; ``mode`` / ``coefficient`` override the saved ones."""
+        tensors, config = load_folder(path, cls.name)
+        check_width(path, tensors["direction"], model, "the saved direction")
+        return cls(model, tensors["direction"], config["layer"], mode or config["mode"],
+                   config["coefficient"] if coefficient is None else coefficient, config["position"], config["report"])
