@@ -186,8 +186,9 @@ def main() -> None:
         + ("" if cfg.ann == "ivf" else f"_{cfg.ann}")
     path = write_result("ann_recall" + suffix, result)
     print(f"wrote {path}")
+    setting = f"nprobe {cfg.nprobe}" if cfg.ann == "ivf" else f"M {cfg.hnsw_m}, ef_search {cfg.ef_search}"
     print(f"recall@{TOP} {recall:.4f} (goal >= 0.95) | speed-up {speedup:.1f}x over exact search "
-          f"({cfg.ann}, nprobe {cfg.nprobe}, {n_pairs:,} pairs, {n_exact:,} queries timed)")
+          f"({cfg.ann}, {setting}, {n_pairs:,} pairs, {n_exact:,} queries timed)")
 
 
 if __name__ == "__main__":

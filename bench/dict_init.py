@@ -49,7 +49,8 @@ def planted(n: int, concepts: torch.Tensor, support: int, noise: float, gen: tor
 
 
 def one_round(args, seed: int) -> dict:
-    gen = torch.Generator().manual_seed(seed)
+    # the data's stream is seeded apart from the SAEs' (SAE.random(seed) must not redraw the planted directions)
+    gen = torch.Generator().manual_seed(10_000 + seed)
     truth = torch.randn(args.concepts, args.d, generator=gen, dtype=torch.float64)
     truth /= truth.norm(dim=1, keepdim=True)
     x = planted(args.train + args.eval, truth, args.support, args.noise, gen)

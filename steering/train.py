@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from steering.sae import SAE
 
@@ -283,8 +284,6 @@ def train_sae(sae: SAE, activations, *, lr: float = 1e-3, steps: int | None = No
         raise ValueError(f"steps must be >= 1, got {steps}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    from tqdm.auto import tqdm
-
     device = torch.device(device) if device is not None else sae.W_enc.device
     sae.to(device).train()
     dtype = sae.W_enc.dtype
