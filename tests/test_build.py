@@ -17,7 +17,6 @@ from transformers import BatchFeature
 
 import steering.models as models
 from pipeline.build import BuildConfig, CorpusConfig, main_graph
-from pipeline.cli import main as daco
 from pipeline.runner import run_pipeline
 from steering import load_dictionary
 from steering.models.base import LoadedModel, ModelAdapter

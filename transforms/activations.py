@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import apache_beam as beam
-import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 

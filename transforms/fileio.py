@@ -82,3 +82,13 @@ def write_npy_atomic(path: str, array: np.ndarray) -> None:
 def read_npy(path: str) -> np.ndarray:
     """Read a ``.npy`` file from any Beam filesystem, never unpickling."""
     return np.load(io.BytesIO(read_bytes(path)), allow_pickle=False)
+
+
+def remove_stale(paths: list[str], pattern: str) -> list[str]:
+    """Delete files matching ``pattern`` that are not in ``paths`` (what an earlier run left);
+    return ``paths`` sorted. Used after a stage wrote its parts, so reruns leave no stale files."""
+    found = FileSystems.match([pattern])[0].metadata_list
+    stale = sorted({m.path for m in found} - set(paths))
+    if stale:
+        FileSystems.delete(stale)
+    return sorted(paths)

@@ -542,12 +542,8 @@ class _WritePart(beam.DoFn):
 
 
 def _remove_stale_parts(paths: list[str], stimuli_dir: str):
-    """Delete parts of an earlier run that this run did not write; yield this run's paths, sorted."""
-    found = FileSystems.match([fileio.join(stimuli_dir, "stimuli-*.parquet")])[0].metadata_list
-    stale = sorted({m.path for m in found} - set(paths))
-    if stale:
-        FileSystems.delete(stale)
-    yield from sorted(paths)
+    """This run's paths, sorted, once files an earlier run left in ``stimuli_dir`` are deleted."""
+    yield from fileio.remove_stale(paths, fileio.join(stimuli_dir, "stimuli-*.parquet"))
 
 
 class RetrieveStimuli(beam.PTransform):

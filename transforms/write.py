@@ -33,7 +33,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from steering.dictionary import dictionary_parquet_bytes, dictionary_schema
@@ -78,12 +77,8 @@ class _WriteLayer(beam.DoFn):
 
 
 def _remove_stale_layers(paths: list[str], dictionary_dir: str):
-    """Delete layer files of an earlier run that this run did not write; yield this run's paths, sorted."""
-    found = FileSystems.match([fileio.join(dictionary_dir, "layer_*.parquet")])[0].metadata_list
-    stale = sorted({m.path for m in found} - set(paths))
-    if stale:
-        FileSystems.delete(stale)
-    yield from sorted(paths)
+    """This run's paths, sorted, once files an earlier run left in ``dictionary_dir`` are deleted."""
+    yield from fileio.remove_stale(paths, fileio.join(dictionary_dir, "layer_*.parquet"))
 
 
 class WriteDictionary(beam.PTransform):
