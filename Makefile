@@ -5,9 +5,13 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.daco-installed
 
-.PHONY: install wordnet fonts chromium demo test bench clean
+.PHONY: install test-deps wordnet fonts chromium demo test bench clean
 
-install: $(STAMP) wordnet fonts chromium
+# what the pipeline and the library need
+install: $(STAMP) wordnet
+
+# what only the tests need besides: FigStep's font, Chromium for the report test
+test-deps: fonts chromium
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,8 +52,9 @@ chromium:
 
 demo: install
 	$(VENV)/bin/daco build --out daco-out
+	$(VENV)/bin/daco report daco-out
 
-test: install
+test: install test-deps
 	$(PY) -m pytest -q
 
 bench: install

@@ -19,7 +19,7 @@ Throughput is image-caption pairs per second (one image and one caption embedded
 The model is an untrained ViT-B-32 (random weights, seed 0; compute is what matters here).
 The headline, printed last: beam / bare (goal >= 0.8: pipeline overhead <= 20%).
 
-    .venv/bin/python bench/clip_throughput.py            # 96 pairs, 3 rounds (a few minutes on an idle machine)
+    .venv/bin/python bench/clip_throughput.py            # 192 pairs, 3 rounds (about 5 minutes on an idle 2-core machine)
     .venv/bin/python bench/clip_throughput.py --full     # 1024 pairs, 5 rounds
     .venv/bin/python bench/clip_throughput.py --no-clip-retrieval
 """
@@ -162,7 +162,7 @@ def _agreement(ours: Path, theirs: Path) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=96, help="image-caption pairs (default 96; --full 1024)")
+    parser.add_argument("--n", type=int, default=192, help="image-caption pairs (default 192; --full 1024)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3; --full 5)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--model", default="ViT-B-32", help="open_clip architecture (random weights, seed 0)")

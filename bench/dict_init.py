@@ -31,10 +31,10 @@ import torch
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
-from common import median, write_result  # noqa: E402
+from common import median, write_result
 
-from steering.sae import SAE  # noqa: E402
-from steering.train import evaluate_sae, train_sae  # noqa: E402
+from steering.sae import SAE
+from steering.train import evaluate_sae, train_sae
 
 
 def planted(n: int, concepts: torch.Tensor, support: int, noise: float, gen: torch.Generator) -> torch.Tensor:

@@ -44,7 +44,7 @@ def _peak_rss() -> int:
                       resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 
 
-def child(n: int, dim: int, concepts: int) -> dict:
+def child(n: int, dim: int, concepts: int, beam_args: list[str] | None = None) -> dict:
     """One measured run: ComputeDirections over ``n`` synthetic activations of dimension ``dim``."""
     import apache_beam as beam
     import numpy as np
@@ -73,7 +73,7 @@ def child(n: int, dim: int, concepts: int) -> dict:
     with tempfile.TemporaryDirectory() as out:
         counters = run_pipeline(lambda p: (
             p | beam.Create(list(chunks())) | beam.FlatMap(activations) | ComputeDirections(out)
-            | beam.combiners.Count.Globally()))
+            | beam.combiners.Count.Globally()), beam_args)
     seconds = time.perf_counter() - started
     assert counters["directions.averaged"] == n and counters["directions.kept"] == concepts, counters
     return {"n": n, "dim": dim, "concepts": concepts, "seconds": seconds,

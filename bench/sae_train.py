@@ -43,8 +43,8 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(ROOT))
-from common import median, write_result  # noqa: E402
-from saelens_compat import ensure_saelens_venv  # noqa: E402
+from common import median, write_result
+from saelens_compat import ensure_saelens_venv
 
 
 def planted_activations(n: int, d: int, n_features: int, support: int, seed: int) -> np.ndarray:
@@ -108,7 +108,7 @@ print(json.dumps({"activations_per_s": steps * batch / elapsed, "steps": trainer
 
 
 def run_child(python: str, code: str, *args) -> dict:
-    proc = subprocess.run([python, "-c", code, *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run([python, "-c", code, *map(str, args)], check=False, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode:
         raise RuntimeError(f"benchmark child failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -34,9 +34,9 @@ import torch
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
-from common import write_result  # noqa: E402
+from common import write_result
 
-from steering.sae import SAE  # noqa: E402
+from steering.sae import SAE
 
 VENV = BENCH / ".venvs" / "saelens"
 SAELENS_PACKAGES = ["sae-lens"]
@@ -45,19 +45,19 @@ SAELENS_PACKAGES = ["sae-lens"]
 def ensure_saelens_venv() -> Path:
     """bench/.venvs/saelens with sae-lens installed (created once, then reused); returns its python."""
     python = VENV / "bin" / "python"
-    check = [str(python), "-c", "import sae_lens"]
-    if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
+    probe = [str(python), "-c", "import sae_lens"]
+    if python.exists() and subprocess.run(probe, check=False, capture_output=True).returncode == 0:
         return python
     print(f"creating {VENV} (pip install {' '.join(SAELENS_PACKAGES)}; a few minutes, ~6 GB) ...", flush=True)
     subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
     subprocess.run([str(python), "-m", "pip", "install", "-q", *SAELENS_PACKAGES], check=True)
-    subprocess.run(check, check=True)
+    subprocess.run(probe, check=True)
     return python
 
 
 def run_in_saelens(python: Path, code: str, *args: str) -> str:
     """Run ``code`` with SAELens's interpreter; returns stdout (raises with stderr on failure)."""
-    proc = subprocess.run([str(python), "-c", code, *args], capture_output=True, text=True)
+    proc = subprocess.run([str(python), "-c", code, *args], check=False, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"SAELens child failed:\n{proc.stderr[-4000:]}")
     return proc.stdout

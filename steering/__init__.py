@@ -22,11 +22,15 @@ from steering.sparse_coding import (
     mop_edit,
     sklearn_alpha,
 )
-from steering.train import TrainResult, evaluate_sae, iterate_activation_files, train_sae
+from steering.train import (
+    TrainResult,
+    evaluate_sae,
+    iterate_activation_files,
+    train_sae,
+)
 
 # steerers live in steering.steerers (imported on first use: they pull in transformers)
-_LAZY = {"DacoSteerer": "steering.steerers", "MOPSteerer": "steering.steerers",
-         "ActAddSteerer": "steering.steerers"}
+_LAZY = {name: "steering.steerers" for name in ("DacoSteerer", "MOPSteerer", "ActAddSteerer", "PromptingSteerer")}
 
 
 def __getattr__(name):
@@ -38,8 +42,26 @@ def __getattr__(name):
 
 
 __all__ = [
-    "DICTIONARY_SCHEMA", "Annotation", "ConceptDictionary", "DictionaryError", "ElasticNetSolver",
-    "LowRankLstsq", "SAE", "TrainResult", "annotate", "dictionary_schema", "dictionary_table",
-    "elastic_net", "evaluate_sae", "iterate_activation_files", "load_dictionary", "lstsq_lowrank",
-    "mop_delta", "mop_edit", "sklearn_alpha", "train_sae", "unit_rows", "write_dictionary_parquet",
+    "DICTIONARY_SCHEMA",
+    "SAE",
+    "Annotation",
+    "ConceptDictionary",
+    "DictionaryError",
+    "ElasticNetSolver",
+    "LowRankLstsq",
+    "TrainResult",
+    "annotate",
+    "dictionary_schema",
+    "dictionary_table",
+    "elastic_net",
+    "evaluate_sae",
+    "iterate_activation_files",
+    "load_dictionary",
+    "lstsq_lowrank",
+    "mop_delta",
+    "mop_edit",
+    "sklearn_alpha",
+    "train_sae",
+    "unit_rows",
+    "write_dictionary_parquet",
 ]

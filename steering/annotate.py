@@ -20,6 +20,7 @@ For one layer of a :class:`~steering.dictionary.ConceptDictionary`:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -101,8 +102,8 @@ def annotate(sae: SAE | torch.Tensor, dictionary: ConceptDictionary, eta: float,
     good_score = _centroid_scores(atoms, concepts, dictionary.desirable())
     labels = []
     for u, g in zip(bad_score.tolist(), good_score.tolist()):
-        passes_u = u == u and u >= eta  # u == u: not NaN
-        passes_g = g == g and g >= eta
+        passes_u = not math.isnan(u) and u >= eta
+        passes_g = not math.isnan(g) and g >= eta
         if passes_u and (not passes_g or u >= g):
             labels.append("undesirable")
         elif passes_g:

@@ -22,9 +22,9 @@ import json
 import os
 import tempfile
 import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa

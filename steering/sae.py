@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -88,7 +89,7 @@ class SAE(nn.Module):
     # ------------------------------------------------------------------ construction
     @classmethod
     def random(cls, d_in: int, d_sae: int, activation: str = "topk", k: int | None = None,
-               seed: int = 0, **kwargs) -> "SAE":
+               seed: int = 0, **kwargs) -> SAE:
         """Random unit-norm decoder rows (seeded), encoder = decoder transpose, zero biases."""
         sae = cls(d_in, d_sae, activation=activation, k=k, **kwargs)
         gen = torch.Generator().manual_seed(seed)
@@ -99,7 +100,7 @@ class SAE(nn.Module):
     @classmethod
     def from_dictionary(cls, directions: torch.Tensor, k: int | None = None, n_extra: int = 0,
                         activation: str = "topk", seed: int = 0, concept_ids: Sequence[str] | None = None,
-                        **kwargs) -> "SAE":
+                        **kwargs) -> SAE:
         """An SAE whose first n atoms are the unit-normalised concept directions [n, d].
 
         ``n_extra`` free atoms (seeded random unit rows) follow them. The encoder is
@@ -203,7 +204,7 @@ class SAE(nn.Module):
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "SAE":
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> SAE:
         """Read a folder written by :meth:`save` or by SAELens (topk or standard architecture)."""
         path = Path(path)
         cfg_path, weights_path = path / CFG_FILENAME, path / WEIGHTS_FILENAME

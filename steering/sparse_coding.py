@@ -26,7 +26,7 @@ edit must use the same D as the solve). Two solvers:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

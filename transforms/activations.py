@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -35,7 +36,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, Predi
 
 from steering.capture import DEFAULT_LAYERS, POOLINGS, capture
 from steering.models import default_dtype, get_adapter, is_untrained
-from transforms.config import StageConfig, on_accelerator, validate_accelerator
+from transforms.config import DEVICE_PATTERN, StageConfig, on_accelerator, resolve_device, validate_accelerator
 from transforms.counters import Reconciliation
 from transforms.deadletter import DEAD, WriteDeadLetters, dead_letter
 from transforms.progress import ProgressLog
@@ -85,21 +86,14 @@ class MLLMConfig(StageConfig):
             raise ValueError(f"{where}.layers: give at least one decoder layer")
         if self.prompt_template.count("{caption}") != 1:
             raise ValueError(f"{where}.prompt_template must contain {{caption}} exactly once, got {self.prompt_template!r}")
+        if not re.fullmatch(DEVICE_PATTERN, self.device):
+            raise ValueError(f"{where}.device: {self.device!r} is not auto, cpu, cuda or cuda:N")
         get_adapter(self.model_type_hint())  # unknown family: error listing the supported ones
         validate_accelerator(self.accelerator, where)
 
     def model_type_hint(self) -> str:
         """The adapter key to use before the model is loaded."""
         return self.family
-
-
-def resolve_device(device: str) -> str:
-    """The torch device ("auto": the first GPU when present)."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 @dataclass
@@ -128,7 +122,7 @@ def load_mllm(cfg: MLLMConfig) -> LoadedMLLM:
     else:
         adapter = get_adapter(cfg.family)
         model, processor = adapter.build_untrained(cfg.seed, **cfg.untrained_size)
-        model = model.to(device)
+        model = model.to(device=device, dtype=default_dtype(device))  # bf16 on GPU, fp32 on CPU
     adapter.check_layers(model, cfg.layers)
     return LoadedMLLM(model, processor, adapter)
 

@@ -43,3 +43,16 @@ def on_accelerator(transform, accelerator: str | None):
     """``transform`` with Beam's ``accelerator`` resource hint when one is configured (runners
     that place work by hints, e.g. Dataflow, then run it on GPU workers); unchanged otherwise."""
     return transform.with_resource_hints(accelerator=accelerator) if accelerator else transform
+
+
+DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
+"""The values a stage's ``device`` option takes."""
+
+
+def resolve_device(device: str) -> str:
+    """The torch device a worker runs on ("auto": the first GPU when present, else the CPU)."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device

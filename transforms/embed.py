@@ -53,7 +53,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 
 from transforms import fileio
-from transforms.config import on_accelerator, validate_accelerator
+from transforms.config import DEVICE_PATTERN, StageConfig, on_accelerator, resolve_device, validate_accelerator
 from transforms.counters import Reconciliation
 from transforms.deadletter import DEAD, WriteDeadLetters, dead_letter
 from transforms.progress import ProgressLog
@@ -80,7 +80,7 @@ class EmbeddingsLayoutError(ValueError):
 
 
 @dataclass
-class ClipConfig:
+class ClipConfig(StageConfig):
     """Options of the embedding stage (the ``clip:`` section of a config file).
 
     Attributes:
@@ -113,22 +113,14 @@ class ClipConfig:
     seed: int = 0
     accelerator: str | None = None
 
-    @classmethod
-    def from_dict(cls, data: dict, where: str = "clip") -> "ClipConfig":
-        """Build from a config section, rejecting unknown keys with the valid ones named."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"{where}: unknown option(s) {unknown}; valid: {sorted(names)}")
-        cfg = cls(**data)
-        if cfg.batch_size < 1:
-            raise ValueError(f"{where}.batch_size must be >= 1, got {cfg.batch_size}")
-        if cfg.precision not in PRECISIONS:
-            raise ValueError(f"{where}.precision: {cfg.precision!r} is not one of {PRECISIONS}")
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
-            raise ValueError(f"{where}.device: {cfg.device!r} is not auto, cpu, cuda or cuda:N")
-        validate_accelerator(cfg.accelerator, where)
-        return cfg
+    def validate(self, where: str) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"{where}.batch_size must be >= 1, got {self.batch_size}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"{where}.precision: {self.precision!r} is not one of {PRECISIONS}")
+        if not re.fullmatch(DEVICE_PATTERN, self.device):
+            raise ValueError(f"{where}.device: {self.device!r} is not auto, cpu, cuda or cuda:N")
+        validate_accelerator(self.accelerator, where)
 
     def replace(self, **changes) -> "ClipConfig":
         """A validated copy with ``changes`` applied."""
@@ -270,15 +262,6 @@ def clip_preprocess(cfg: ClipConfig):
     return preprocess, open_clip.get_tokenizer(cfg.model_name)
 
 
-def resolve_device(cfg: ClipConfig) -> str:
-    """The torch device a worker runs on ("auto": the first GPU when present)."""
-    import torch
-
-    if cfg.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return cfg.device
-
-
 def resolve_precision(cfg: ClipConfig, device: str) -> str:
     """fp32 on CPU, bf16 autocast on GPU unless the config says otherwise."""
     if cfg.precision != "auto":
@@ -350,7 +333,7 @@ def load_clip(cfg: ClipConfig) -> LoadedClip:
             image_mean=pp["mean"], image_std=pp["std"], image_interpolation=pp["interpolation"],
             image_resize_mode=pp["resize_mode"], pretrained_text=False, pretrained_image=False,
         )
-    device = resolve_device(cfg)
+    device = resolve_device(cfg.device)
     model = model.to(device).eval()
     return LoadedClip(
         model=model, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(cfg.model_name),
@@ -392,7 +375,7 @@ class ClipModelHandler(ModelHandler):
         return {"min_batch_size": self.cfg.batch_size, "max_batch_size": self.cfg.batch_size}
 
     def share_model_across_processes(self) -> bool:
-        return resolve_device(self.cfg) != "cpu"
+        return resolve_device(self.cfg.device) != "cpu"
 
     def model_copies(self) -> int:
         return 1
