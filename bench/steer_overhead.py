@@ -13,7 +13,9 @@ on, a fixed number of new tokens):
 * ``daco_exact``: DACO through the SAE's full 15,000-atom encode;
 * ``actadd``: ActAdd with the dictionary vector;
 * ``mop``: MOP, elastic net over the 15,000 unit concept directions, capped at
-  ``--mop-iters`` FISTA iterations per solve (fewer rounds and tokens: it is slow).
+  ``--mop-iters`` FISTA iterations per solve (fewer rounds and tokens: it is slow);
+* ``refusal``, ``mars``, ``iar``, ``ras``: the published defences (METHODS.md §4) with seeded
+  random parameters (:func:`defence_steerers`; their steering-work-alone row is not measured).
 
 Per generated token means per decode step: a streamer timestamps every new token, and
 the steps after the first are averaged (the first token's time, which includes the
@@ -42,8 +44,11 @@ import torch
 from steering.models import get_adapter
 from steering.sae import SAE
 from steering.steerers import ActAddSteerer, DacoSteerer, MOPSteerer, record_activations
+from steering.steerers import IARSteerer, MARSSteerer, RASSteerer, RefusalDirectionSteerer
 
 RESULTS = Path(__file__).parent / "results" / "steer_overhead.json"
+DEFENCES = ("refusal", "mars", "iar", "ras")
+"""The published defences (METHODS.md §4), timed with seeded random parameters (see defence_steerers)."""
 LAYERS = (15, 16, 17, 18, 19)
 MODEL_SIZE = dict(hidden_size=1024, intermediate_size=5376, num_hidden_layers=24, num_attention_heads=16,
                   num_key_value_heads=4)
@@ -119,7 +124,7 @@ def hook_costs(steerers, activations, reps: int, mop_reps: int) -> dict[str, dic
     flush them between steered layers in a real forward pass.
     """
     flush = torch.empty(16 * 2**20)  # 64 MB, twice the last-level cache
-    names = [name for name, steerer in steerers.items() if steerer is not None]
+    names = [name for name, steerer in steerers.items() if steerer is not None and name not in DEFENCES]
     wall: dict[str, list[float]] = {name: [] for name in names}
     cpu: dict[str, list[float]] = {name: [] for name in names}
     n_rows = min(len(a) for a in activations.values())
@@ -135,6 +140,32 @@ def hook_costs(steerers, activations, reps: int, mop_reps: int) -> dict[str, dic
             wall[name].append(time.perf_counter() - w0)
             cpu[name].append(time.process_time() - c0)
     return {name: {"wall": statistics.median(wall[name]), "cpu": statistics.median(cpu[name])} for name in names}
+
+
+def defence_steerers(model, seed: int) -> dict:
+    """The four published defences on the benchmark model, their parameters seeded random, not fitted.
+
+    Per-token cost does not depend on the fitted values (fitting is a one-off, saved to a
+    folder): ``refusal`` ablates one direction at every layer's output and every
+    attention/MLP output; ``mars`` gates and steers at layer 15 on the first generated
+    token; ``iar`` adds to 48 random heads (ITI's K) of layers 15-19 at every token;
+    ``ras`` interpolates the final-norm state toward 3 prototypes at risk 0.5 for the
+    first 3 tokens.
+    """
+    g = torch.Generator().manual_seed(seed + 1)
+    d, n_heads = MODEL_SIZE["hidden_size"], MODEL_SIZE["num_attention_heads"]
+    width = d // n_heads
+    direction = torch.randn(d, generator=g)
+    heads = torch.randperm(len(LAYERS) * n_heads, generator=g)[:48].tolist()
+    units = {(LAYERS[i // n_heads], i % n_heads): (torch.randn(width, generator=g), 1.0) for i in heads}
+    ras = RASSteerer(model, torch.randn(3, d, generator=g), s_base=0.7)
+    ras.set_risk(0.5)
+    return {
+        "refusal": RefusalDirectionSteerer(model, direction, LAYERS[0], mode="ablation"),
+        "mars": MARSSteerer(model, direction, LAYERS[0], torch.zeros(d), -1.0, 1.0),
+        "iar": IARSteerer.from_units(model, units, "head", alpha=15.0, n_heads=n_heads, head_width=width),
+        "ras": ras,
+    }
 
 
 def main():
@@ -168,6 +199,7 @@ def main():
         "mop": MOPSteerer(model, directions, undesirable, desirable, gamma=1.0, solver="elastic_net",
                           max_iter=args.mop_iters, tol=0.0).prepare(),
     }
+    steerers.update(defence_steerers(model, args.seed))
     inputs = text_inputs(tokenizer, [PROMPT])
     print(f"prompt: {inputs['input_ids'].shape[1]} tokens; {args.new_tokens} new tokens ({args.mop_new_tokens} for mop), "
           f"greedy, batch 1, KV cache; {args.rounds} rounds ({args.mop_rounds} for mop); SAE {args.atoms} atoms k={args.k} at layers {list(LAYERS)}; "
