@@ -144,31 +144,13 @@ def _check_image(adapter, args):
 
 
 def _build_steerer(args, model, dictionary, layers):
-    from pathlib import Path
+    from steering.steerers.from_dictionary import dictionary_steerer
 
-    from steering.steerers import ActAddSteerer, DacoSteerer, MOPSteerer, PromptingSteerer
-
-    if args.method == "prompting":
-        return PromptingSteerer(model)
-    if args.method == "actadd":
-        return ActAddSteerer.from_dictionary(model, dictionary, layers, coefficient=args.gamma)
-    if args.method == "mop":
-        return MOPSteerer.from_dictionary(model, dictionary, layers, gamma=args.gamma)
-    from steering.annotate import annotate
-    from steering.sae import SAE
-
-    saes, undesirable, desirable = {}, {}, {}
-    for layer in layers:
-        if args.sae:
-            folder = f"{args.sae.rstrip('/')}/layer_{layer}"
-            if not Path(folder).is_dir():
-                raise SystemExit(f"daco steer: --sae {args.sae} has no SAE for layer {layer} (expected {folder}/)")
-            saes[layer] = SAE.load(folder)
-        else:
-            saes[layer] = SAE.from_dictionary(dictionary.directions(layer), k=min(args.k, len(dictionary)))
-        labels = annotate(saes[layer], dictionary, args.eta, layer)
-        undesirable[layer], desirable[layer] = list(labels.undesirable), list(labels.desirable)
-    return DacoSteerer(model, saes, undesirable, desirable, gamma=args.gamma)
+    try:
+        return dictionary_steerer(args.method, model, dictionary, layers, gamma=args.gamma, sae_dir=args.sae,
+                                  k=args.k, eta=args.eta)
+    except FileNotFoundError as exc:
+        raise SystemExit(f"daco steer: {exc}") from None
 
 
 def _defence_sets(args):

@@ -40,6 +40,7 @@ from typing import Any
 
 from steering.eval.benchmarks import BENIGN, HARMFUL, LETTERS, BenchmarkItem, load_benchmark
 from steering.eval.judges import is_refusal
+from steering.steerers.from_dictionary import DICTIONARY_STEERERS
 
 UNTRAINED_PREFIX = "untrained:"
 BASELINE = "none"
@@ -125,42 +126,14 @@ def check_methods(methods: Sequence[str], dictionary: str | None) -> list[str]:
     return methods
 
 
-def _build_prompting(model, processor, dictionary, layers, config):
-    from steering.steerers import PromptingSteerer
+def _build_from_dictionary(method: str, model, processor, dictionary, layers, config):
+    """A dictionary method's steerer (DACO's SAEs from ``config.sae`` when given)."""
+    from steering.steerers.from_dictionary import dictionary_steerer
 
-    return PromptingSteerer(model)
-
-
-def _build_actadd(model, processor, dictionary, layers, config):
-    from steering.steerers import ActAddSteerer
-
-    return ActAddSteerer.from_dictionary(model, dictionary, layers, coefficient=config.gamma)
-
-
-def _build_mop(model, processor, dictionary, layers, config):
-    from steering.steerers import MOPSteerer
-
-    return MOPSteerer.from_dictionary(model, dictionary, layers, gamma=config.gamma)
-
-
-def _build_daco(model, processor, dictionary, layers, config, k: int = 32, eta: float = 0.5):
-    """DACO with each layer's SAE (``config.sae``'s, else dictionary-initialised), atoms labelled by METHODS.md §3's rule."""
-    from steering.annotate import annotate
-    from steering.sae import SAE
-    from steering.steerers import DacoSteerer
-
-    saes, undesirable, desirable = {}, {}, {}
-    for layer in layers:
-        if config.sae:
-            folder = Path(config.sae) / f"layer_{layer}"
-            if not folder.is_dir():
-                raise EvalError(f"--sae {config.sae} has no SAE for layer {layer} (expected {folder}/)")
-            saes[layer] = SAE.load(str(folder))
-        else:
-            saes[layer] = SAE.from_dictionary(dictionary.directions(layer), k=min(k, len(dictionary)))
-        labels = annotate(saes[layer], dictionary, eta, layer)
-        undesirable[layer], desirable[layer] = list(labels.undesirable), list(labels.desirable)
-    return DacoSteerer(model, saes, undesirable, desirable, gamma=config.gamma)
+    try:
+        return dictionary_steerer(method, model, dictionary, layers, gamma=config.gamma, sae_dir=config.sae)
+    except FileNotFoundError as exc:
+        raise EvalError(str(exc)) from None
 
 
 def _build_fitted(method: str, model, processor, dictionary, layers, config):
@@ -179,7 +152,7 @@ def _build_fitted(method: str, model, processor, dictionary, layers, config):
 
 
 STEERER_BUILDERS: dict[str, Callable] = {
-    "prompting": _build_prompting, "actadd": _build_actadd, "mop": _build_mop, "daco": _build_daco,
+    **{method: partial(_build_from_dictionary, method) for method in DICTIONARY_STEERERS},
     **{method: partial(_build_fitted, method) for method in FITTED_METHODS},
 }
 """Method name -> ``builder(model, processor, dictionary, layers, config)`` returning its steerer."""
