@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     stages = {}
     with tempfile.TemporaryDirectory(prefix="daco-scale-") as tmp:
         emb_dir, concepts_path, out = (os.path.join(tmp, x) for x in ("embeddings", "concepts.npy", "out"))
-        common = (f"import sys, json; sys.path.insert(0, 'bench'); import scale\n")
+        common = "import sys, json; sys.path.insert(0, 'bench'); import scale\n"
         stages["write_embeddings"] = _stage("write_embeddings", common + (
             f"scale.write_embeddings({emb_dir!r}, {concepts_path!r}, {size['concepts']}, {size['pairs']}, "
             f"{size['dim']})"))

@@ -112,6 +112,15 @@ class ContrastiveSets:
         return cls.from_files()
 
     @classmethod
+    def with_defaults(cls, **given) -> tuple:
+        """The given sets (keywords harmful, harmless, refusal, compliant) in the order given,
+        each one left as None replaced by the shipped default of its kind."""
+        if any(value is None for value in given.values()):
+            default = cls.default()
+            given = {kind: getattr(default, kind) if value is None else value for kind, value in given.items()}
+        return tuple(given.values())
+
+    @classmethod
     def from_files(cls, harmful: str | Path | None = None, harmless: str | Path | None = None,
                    refusal: str | Path | None = None, compliant: str | Path | None = None) -> ContrastiveSets:
         """The sets from the given files; a file left out is the default set of that kind."""

@@ -160,11 +160,7 @@ class IARSteerer(Steerer):
 
         if level not in LEVELS or direction not in DIRECTIONS:
             raise ValueError(f"level must be one of {LEVELS} and direction one of {DIRECTIONS}; got {level!r}, {direction!r}")
-        if harmful is None or refusal is None or compliant is None:
-            default = ContrastiveSets.default()
-            harmful = default.harmful if harmful is None else harmful
-            refusal = default.refusal if refusal is None else refusal
-            compliant = default.compliant if compliant is None else compliant
+        harmful, refusal, compliant = ContrastiveSets.with_defaults(harmful=harmful, refusal=refusal, compliant=compliant)
         if len(harmful) < 2 or not refusal or not compliant or responses_per_query < 1:
             raise ValueError("IAR needs at least 2 harmful queries, one refusal and one compliant response, "
                              "and responses_per_query >= 1")

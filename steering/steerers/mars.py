@@ -139,10 +139,7 @@ class MARSSteerer(Steerer):
         from steering.contrastive import ContrastiveSets, neutral_images, prompt_states
         from steering.models import get_adapter
 
-        if harmful is None or harmless is None:
-            default = ContrastiveSets.default()
-            harmful = default.harmful if harmful is None else harmful
-            harmless = default.harmless if harmless is None else harmless
+        harmful, harmless = ContrastiveSets.with_defaults(harmful=harmful, harmless=harmless)
         if len(harmful) < 2 or len(harmless) < 2:
             raise ValueError("MARS needs at least 2 harmful and 2 harmless prompts (training and validation halves)")
         if any(item.image for item in (*harmful, *harmless)):

@@ -239,10 +239,7 @@ class RASSteerer(Steerer):
         """
         from steering.contrastive import ContrastiveSets, open_image
 
-        if unsafe is None or benign is None:
-            default = ContrastiveSets.default()
-            unsafe = default.harmful if unsafe is None else unsafe
-            benign = default.harmless if benign is None else benign
+        unsafe, benign = ContrastiveSets.with_defaults(harmful=unsafe, harmless=benign)
         if not unsafe or not benign or n_tokens < 1:
             raise ValueError("RAS needs unsafe and benign prompts and n_tokens >= 1")
         if any(item.image for item in unsafe):

@@ -184,10 +184,7 @@ class RefusalDirectionSteerer(Steerer):
         """
         from steering.contrastive import ContrastiveSets, post_instruction_positions, prompt_states
 
-        if harmful is None or harmless is None:
-            default = ContrastiveSets.default()
-            harmful = default.harmful if harmful is None else harmful
-            harmless = default.harmless if harmless is None else harmless
+        harmful, harmless = ContrastiveSets.with_defaults(harmful=harmful, harmless=harmless)
         if len(harmful) < 2 or len(harmless) < 2:
             raise ValueError("fit needs at least 2 harmful and 2 harmless prompts (half extract, half select)")
         if any(item.image for item in (*harmful, *harmless)):
