@@ -209,3 +209,18 @@ def test_datasets_reads_the_folder_back(built, monkeypatch):
     feature = ds.features["direction"]
     assert getattr(feature, "length", None) == 64 and feature.feature.dtype == "float32"
     assert len(ds) == len(pq.read_table(built / "a" / "dictionary"))
+
+
+def test_pretrained_model_is_checked_from_its_config_without_loading_weights(tmp_path):
+    from transforms.activations import _architecture, check_model
+
+    model, processor = models.get_adapter("qwen2_vl").build_untrained(0)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    cfg = MLLMConfig.from_dict({"model_id": str(tmp_path), "layers": [1, 2]})
+    structure, _adapter = _architecture(cfg)
+    assert next(structure.parameters()).device.type == "meta"  # no weights were read
+    info = check_model(cfg)
+    assert (info["model_class"], info["num_layers"], info["hidden_size"]) == ("Qwen2VLForConditionalGeneration", 4, 64)
+    with pytest.raises(ValueError, match="it has 4 decoder layers"):
+        check_model(MLLMConfig.from_dict({"model_id": str(tmp_path), "layers": [1, 9]}))

@@ -127,10 +127,29 @@ def load_mllm(cfg: MLLMConfig) -> LoadedMLLM:
     return LoadedMLLM(model, processor, adapter)
 
 
+def _architecture(cfg: MLLMConfig):
+    """(model, adapter) with the real model's structure but no weights (meta tensors): what the
+    launcher needs to check layers, without reading a 7B checkpoint on a machine that will not run it."""
+    import torch
+    import transformers
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(cfg.model_id, trust_remote_code=cfg.trust_remote_code)
+    adapter = get_adapter(config)
+    with torch.device("meta"):
+        model = getattr(transformers, adapter.model_class_name)(config)
+    adapter.check_layers(model, cfg.layers)
+    return model, adapter
+
+
 def check_model(cfg: MLLMConfig) -> dict:
-    """Load the model once in the launcher, so a bad id or a layer the model lacks fails
-    before any pipeline work; returns what metadata.json records about it."""
-    model, _processor, adapter = load_mllm(cfg)
+    """Check the model in the launcher, so a bad id or a layer the model lacks fails before any
+    pipeline work (a pretrained model's config and structure only; an untrained one is built);
+    returns what metadata.json records about it."""
+    if cfg.model_id:
+        model, adapter = _architecture(cfg)
+    else:
+        model, _processor, adapter = load_mllm(cfg)
     return {
         "model_id": cfg.model_id or f"untrained:{adapter.family}",
         "family": adapter.family,
