@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.daco-installed
 
-.PHONY: install test-deps wordnet fonts chromium demo test bench clean
+.PHONY: install test-deps wordnet fonts chromium demo test test-latest lock bench clean
 
 # what the pipeline and the library need
 install: $(STAMP) wordnet
@@ -13,12 +13,34 @@ install: $(STAMP) wordnet
 # what only the tests need besides: FigStep's font, Chromium for the report test
 test-deps: fonts chromium
 
-$(STAMP): pyproject.toml Makefile
+# Installs come from the committed lock (requirements.lock): a fresh machine gets
+# exactly the set the suite passed with. `make lock` refreshes it deliberately.
+$(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
+
+# Recompile requirements.lock from pyproject's ranges (uv pip compile, Linux x86-64,
+# Python 3.11); torch/torchvision stay at the wheels named in constraints.txt.
+UV_VENV := /tmp/daco-uv
+lock:
+	test -x $(UV_VENV)/bin/uv || { $(PYTHON) -m venv $(UV_VENV) && $(UV_VENV)/bin/pip install -q uv; }
+	$(UV_VENV)/bin/uv pip compile pyproject.toml --extra dev --python-version 3.11 \
+	  --python-platform x86_64-manylinux_2_28 -c constraints.txt --index-url https://pypi.org/simple \
+	  --no-header --annotation-style line -o requirements.lock
+
+# The suite on the newest release of every dependency (not part of CI): a throwaway
+# venv, torch/torchvision at the pinned wheels, everything else --upgrade'd.
+LATEST_VENV := /tmp/daco-latest-venv
+test-latest: test-deps wordnet
+	rm -rf $(LATEST_VENV) && $(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/pip install -q --upgrade pip
+	$(LATEST_VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(LATEST_VENV)/bin/pip install -q --upgrade --upgrade-strategy eager -e '.[dev]' -c constraints.txt
+	$(LATEST_VENV)/bin/pip freeze | grep -iE '^(transformers|apache-beam|numpy|open.clip.torch|faiss-cpu|pyarrow|torch)==' 
+	$(LATEST_VENV)/bin/python -m pytest -q
 
 # WordNet 3.0: NLTK's data, $$WNSEARCHDIR or /usr/share/wordnet. When none is
 # found and apt is usable, install Debian's copy.
