@@ -8,7 +8,7 @@ forward that stops after the deepest hooked layer. Model-family specifics live i
 the adapters (steering/models/); nothing here branches on a model name.
 
 Beam graph: stimuli rows and shard records are joined by key (one element per
-distinct image), cut into batches fixed by the data alone (:func:`fixed_batches`), a
+distinct image), cut into batches fixed by the data alone (:func:`transforms.batching.fixed_batches`), a
 ``RunInference`` stage with :class:`MLLMActivationHandler`
 (one model per worker process; one per GPU, shared across processes, on GPU
 workers) computes the pooled vectors, and each is emitted once per (concept,
@@ -24,7 +24,6 @@ vectors went out) and ``emitted`` (vectors out: one per emitted row and layer).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import re
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, Predi
 
 from steering.capture import DEFAULT_LAYERS, POOLINGS, capture
 from steering.models import default_dtype, get_adapter, is_untrained
+from transforms.batching import batch_group, fixed_batches
 from transforms.config import DEVICE_PATTERN, StageConfig, on_accelerator, resolve_device, validate_accelerator
 from transforms.counters import Reconciliation
 from transforms.deadletter import DEAD, WriteDeadLetters, dead_letter
@@ -227,26 +227,15 @@ class MLLMActivationHandler(ModelHandler):
         return "activations_inference"
 
 
-BATCH_GROUPS = 1024
-"""Images are spread over this many groups by a hash of their key; each group is cut into
-fixed batches (:func:`fixed_batches`)."""
+def _by_caption_length(element) -> tuple[int, str]:
+    """Batch order of a stimulus image: caption length (less padding), then key."""
+    (key, _uses), (_image, caption) = element
+    return len(caption), key
 
 
-def batch_group(key: str) -> int:
-    """The group of an image key: a stable hash (same in every process and run), mod BATCH_GROUPS."""
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % BATCH_GROUPS
-
-
-def fixed_batches(group, size: int):
-    """(group, images) -> batches of at most ``size`` images sorted by (caption length, key), as
-    ((key, uses) per image, (image bytes, caption) per image). A stimulus's padding, and so its
-    pooled vector to the last bit, depends on which batch it is in; batches made from the data
-    alone make the output independent of bundling, worker count and runner."""
-    _group, images = group
-    ordered = sorted(images, key=lambda e: (len(e[1][1]), e[0][0]))
-    for start in range(0, len(ordered), size):
-        chunk = ordered[start:start + size]
-        yield tuple(e[0] for e in chunk), tuple(e[1] for e in chunk)
+def _split_batch(chunk: tuple) -> tuple[tuple, tuple]:
+    """A fixed batch -> ((key, uses) per image, (image bytes, caption) per image)."""
+    return tuple(e[0] for e in chunk), tuple(e[1] for e in chunk)
 
 
 def _unbatch(element):
@@ -330,7 +319,8 @@ class ComputeActivations(beam.PTransform):
             joined.images
             | "BatchGroup" >> beam.Map(lambda e: (batch_group(e[0][0]), e))
             | "GroupForBatches" >> beam.GroupByKey()
-            | "FixedBatches" >> beam.FlatMap(fixed_batches, 4 * self.cfg.batch_size)
+            | "FixedBatches" >> beam.FlatMap(fixed_batches, 4 * self.cfg.batch_size, _by_caption_length)
+            | "SplitBatches" >> beam.Map(_split_batch)
             | "RunMLLM" >> on_accelerator(RunInference(handler), self.cfg.accelerator)
             | "Unbatch" >> beam.FlatMap(_unbatch)
             | "EmitVectors" >> beam.ParDo(_EmitVectors()).with_outputs(DEAD, main="vectors")

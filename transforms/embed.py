@@ -12,8 +12,11 @@ Layout written (the one LAION publishes its embeddings in; N is the shard's inde
 Steps, each counted in namespace ``embed``: ``read`` records; an image that does not
 decode or preprocess, or a caption that is not a non-empty string, is dead-lettered
 (``deadletter_image``, ``deadletter_caption``); the rest go through Beam's RunInference
-with :class:`ClipModelHandler` (batched, one model per worker process or one per GPU,
-mixed precision on GPU) and are counted ``embedded``; the writer counts ``written``.
+with :class:`ClipModelHandler` (one model per worker process or one per GPU, mixed
+precision on GPU) and are counted ``embedded``; the writer counts ``written``. Records are
+cut into batches fixed by the data alone (:mod:`transforms.batching`: grouped by a hash of
+(shard, key), sorted by (shard, key)) before they are prepared, so every byte written is
+the same whatever the order and bundling of the input records.
 
 Skipping the stage: :func:`embeddings_exist` tells whether a folder already holds
 embeddings in this layout (e.g. LAION's published ``img_emb``/``text_emb``/``metadata``);
@@ -50,9 +53,11 @@ import numpy as np
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
+from apache_beam.pvalue import TaggedOutput
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 
 from transforms import fileio
+from transforms.batching import batch_group, fixed_batches
 from transforms.config import DEVICE_PATTERN, StageConfig, on_accelerator, resolve_device, validate_accelerator
 from transforms.counters import Reconciliation
 from transforms.deadletter import DEAD, WriteDeadLetters, dead_letter
@@ -346,11 +351,13 @@ def load_clip(cfg: ClipConfig) -> LoadedClip:
 
 
 class ClipModelHandler(ModelHandler):
-    """Beam ModelHandler embedding (preprocessed image, token ids) pairs with CLIP.
+    """Beam ModelHandler embedding fixed batches of (preprocessed image, token ids) pairs with CLIP.
 
-    Batches have exactly ``batch_size`` examples (fewer at a bundle's end); on a GPU the
-    model is shared by the worker's processes (one copy per GPU) and runs under autocast.
-    A prediction is ``(image embedding, text embedding)``, float32, L2-normalised."""
+    Each example is one whole batch, ``(images [n, 3, H, W], token ids [n, context])``, formed
+    upstream from the data alone (see :mod:`transforms.batching`); RunInference passes them
+    one at a time and never regroups them. On a GPU the model is shared by the worker's
+    processes (one copy per GPU) and runs under autocast. A prediction is
+    ``(image embeddings [n, D], text embeddings [n, D])``, float32, L2-normalised."""
 
     def __init__(self, cfg: ClipConfig):
         super().__init__()
@@ -360,19 +367,15 @@ class ClipModelHandler(ModelHandler):
         return load_clip(self.cfg)
 
     def run_inference(self, batch: Sequence, model: LoadedClip, inference_args=None) -> Iterable[PredictionResult]:
-        import torch
-
-        images = torch.stack([example[0] for example in batch])
-        tokens = torch.stack([example[1] for example in batch])
-        img, txt = model.embed_pairs(images, tokens)
-        return [PredictionResult(example, (img[i], txt[i])) for i, example in enumerate(batch)]
+        return [PredictionResult(example, model.embed_pairs(*example)) for example in batch]
 
     def get_num_bytes(self, batch: Sequence) -> int:
         # Beam's default pickles the whole batch just to measure it.
         return sum(t.element_size() * t.nelement() for example in batch for t in example)
 
     def batch_elements_kwargs(self):
-        return {"min_batch_size": self.cfg.batch_size, "max_batch_size": self.cfg.batch_size}
+        # the batches are formed upstream from the data alone; RunInference must not regroup them
+        return {"min_batch_size": 1, "max_batch_size": 1}
 
     def share_model_across_processes(self) -> bool:
         return resolve_device(self.cfg.device) != "cpu"
@@ -384,8 +387,13 @@ class ClipModelHandler(ModelHandler):
         return "embed_inference"
 
 
+def _record_order(record) -> tuple[str, str]:
+    return str(record.get("shard", "")), str(record.get("key", ""))
+
+
 class _Prepare(beam.DoFn):
-    """Record -> (metadata, (image tensor, token ids)); bad images and captions are dead-lettered."""
+    """A fixed batch of records -> (metadata per record, (image tensors, token ids)) for its
+    good records; bad images and captions are dead-lettered."""
 
     def __init__(self, cfg: ClipConfig):
         self.cfg = cfg
@@ -395,34 +403,46 @@ class _Prepare(beam.DoFn):
         self.preprocess, self.tokenizer = clip_preprocess(self.cfg)
         self.progress = ProgressLog(NAMESPACE, "records")
 
-    def process(self, record):
+    def process(self, batch):
+        import torch
+
+        metas, pixels, tokens = [], [], []
+        for record in batch:
+            prepared = self._prepare(record)
+            if isinstance(prepared, TaggedOutput):
+                yield prepared
+            else:
+                metas.append(prepared[0])
+                pixels.append(prepared[1])
+                tokens.append(prepared[2])
+        if metas:
+            yield tuple(metas), (torch.stack(pixels), torch.stack(tokens))
+
+    def _prepare(self, record):
         from PIL import Image
 
         self.read.inc()
         self.progress.update()
         shard, key, caption = record.get("shard", ""), record.get("key", ""), record.get("caption")
         if not isinstance(caption, str) or not caption.strip():
-            yield dead_letter(NAMESPACE, shard, key, "caption", f"caption is {caption!r}, not a non-empty string")
-            return
+            return dead_letter(NAMESPACE, shard, key, "caption", f"caption is {caption!r}, not a non-empty string")
         try:
             with Image.open(io.BytesIO(record["jpg"])) as img:
                 pixels = self.preprocess(img.convert("RGB"))
         except Exception as exc:  # noqa: BLE001 - any decode/preprocess failure is this record's
             detail = re.sub(r"<[^<>]* at 0x[0-9a-f]+>", "<image bytes>", f"{type(exc).__name__}: {exc}")
-            yield dead_letter(NAMESPACE, shard, key, "image", detail)  # no addresses: same bytes each run
-            return
-        tokens = self.tokenizer([caption])[0]
+            return dead_letter(NAMESPACE, shard, key, "image", detail)  # no addresses: same bytes each run
         sha256 = record.get("sha256") or hashlib.sha256(record["jpg"]).hexdigest()
-        meta = (shard, key, caption, record.get("url") or "", sha256)
-        yield meta, (pixels, tokens)
+        return (shard, key, caption, record.get("url") or "", sha256), pixels, self.tokenizer([caption])[0]
 
 
 def _to_rows(element):
-    """(metadata, PredictionResult) -> (shard, row) with float16 embeddings."""
-    (shard, key, caption, url, sha256), result = element
+    """(metadata per record, PredictionResult of their batch) -> (shard, row) per record, float16 embeddings."""
+    metas, result = element
     img, txt = result.inference
-    Metrics.counter(NAMESPACE, "embedded").inc()
-    return shard, (key, caption, url, sha256, img.astype(np.float16), txt.astype(np.float16))
+    Metrics.counter(NAMESPACE, "embedded").inc(len(metas))
+    for i, (shard, key, caption, url, sha256) in enumerate(metas):
+        yield shard, (key, caption, url, sha256, img[i].astype(np.float16), txt[i].astype(np.float16))
 
 
 def shard_index(shard: str) -> int:
@@ -517,11 +537,17 @@ class ComputeEmbeddings(beam.PTransform):
     def expand(self, records):
         cfg = self.cfg
         resolved = resolve_clip_config(cfg)
-        prepared = records | "Prepare" >> beam.ParDo(_Prepare(resolved)).with_outputs(DEAD, main="ok")
+        prepared = (
+            records
+            | "BatchGroup" >> beam.Map(lambda r: (batch_group("/".join(_record_order(r))), r))
+            | "GroupForBatches" >> beam.GroupByKey()
+            | "FixedBatches" >> beam.FlatMap(fixed_batches, cfg.batch_size, _record_order)
+            | "Prepare" >> beam.ParDo(_Prepare(resolved)).with_outputs(DEAD, main="ok")
+        )
         summaries = (
             prepared.ok
             | "Embed" >> on_accelerator(RunInference(KeyedModelHandler(ClipModelHandler(resolved))), cfg.accelerator)
-            | "ToRows" >> beam.Map(_to_rows)
+            | "ToRows" >> beam.FlatMap(_to_rows)
             | "ByShard" >> beam.GroupByKey()
             | "WriteShards" >> beam.ParDo(_WriteShard(self.emb_dir))
         )

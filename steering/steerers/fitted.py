@@ -72,37 +72,62 @@ def final_norm(model: nn.Module) -> nn.Module:
     raise TypeError(f"{type(model).__name__}: no final norm next to its decoder layers (expected a 'norm' module)")
 
 
+def _cache_in(args: tuple, kwargs: dict) -> Any:
+    """The KV cache among a call's arguments, found by what it is (has ``get_seq_length``), not by
+    the keyword ``generate`` happens to pass it under (``past_key_values=``, ``cache=``, ...)."""
+    for value in (*args, *kwargs.values()):
+        if callable(getattr(value, "get_seq_length", None)):
+            return value
+    return None
+
+
+def _hidden_in(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a decoder layer is called on: its first [batch, seq, d] tensor argument."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.ndim == 3:
+            return value
+    raise TypeError("a decoder layer was called without a [batch, seq, hidden] tensor; cannot track generation steps")
+
+
 class GenerationSteps:
     """Tracks which positions of each forward call produce which generated token.
 
-    A forward pre-hook on the whole model reads how many positions the KV cache already
-    holds (``past_key_values.get_seq_length()``). A call that starts an empty cache is
-    the prefill of a new prompt of length P; afterwards, absolute position ``p``
-    produces generated token ``p - (P - 1)`` (0 = the first generated token: the
-    prompt's last position). :meth:`steps` gives that index for every column of the
-    current call. Batches must be left-padded (as decoder-only generation is), so the
-    last column is every row's last prompt token; a right-padded prefill is an error. Without a KV cache every call is
-    taken as a new prompt (only its last position is step 0).
+    It reads what the first decoder layer actually computes on, whatever names ``generate``
+    gives its keyword arguments: the hidden states' length L (the positions of this call)
+    and the KV cache's length before the call (``get_seq_length()`` of the cache object among
+    the layer's arguments, found by type). A call that starts an empty cache is the prefill
+    of a new prompt of length P; afterwards, absolute position ``p`` produces generated
+    token ``p - (P - 1)`` (0 = the first generated token: the prompt's last position).
+    :meth:`steps` gives that index for every column of the current call. Batches must be
+    left-padded (as decoder-only generation is), so the last column is every row's last
+    prompt token; a right-padded prefill is an error (checked on the model's
+    ``attention_mask`` input when it has one). Without a KV cache every call is taken as a
+    new prompt (only its last position is step 0).
     """
 
     def __init__(self):
         self.prompt_length = 0
         self.start = 0
         self.length = 0
+        self._right_padded = False
 
-    def attach(self, model: nn.Module) -> torch.utils.hooks.RemovableHandle:
-        """Register the tracking pre-hook on ``model``; remove the returned handle to stop."""
-        return model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+    def attach(self, model: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
+        """Register the tracking pre-hooks on ``model``; remove the returned handles to stop."""
+        from steering.steerers.base import decoder_layers
 
-    def _pre_hook(self, module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        embeds = kwargs.get("inputs_embeds")
-        length = (ids if ids is not None else embeds).shape[1]
-        cache = kwargs.get("past_key_values")
-        start = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+        return [model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True),
+                decoder_layers(model)[0].register_forward_pre_hook(self._layer_pre_hook, with_kwargs=True)]
+
+    def _model_pre_hook(self, module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        self._right_padded = isinstance(mask, torch.Tensor) and mask.ndim == 2 and not bool(mask[:, -1].all())
+
+    def _layer_pre_hook(self, module, args, kwargs):
+        length = _hidden_in(args, kwargs).shape[1]
+        cache = _cache_in(args, kwargs)
+        start = int(cache.get_seq_length()) if cache is not None else 0
         if start == 0:
-            mask = kwargs.get("attention_mask")
-            if mask is not None and mask.ndim == 2 and not mask[:, -1].all():
+            if self._right_padded:
                 raise ValueError("a right-padded batch: the last position is padding for some rows, so the first "
                                  "generated token's position is not the last column; pad on the left "
                                  "(tokenizer.padding_side = 'left'), as decoder-only generation needs")

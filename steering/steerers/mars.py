@@ -121,7 +121,7 @@ class MARSSteerer(Steerer):
     def __enter__(self) -> MARSSteerer:
         super().__enter__()
         if self.model is not None:
-            self._handles.append(self._steps.attach(self.model))
+            self._handles.extend(self._steps.attach(self.model))
         return self
 
     @classmethod

@@ -138,7 +138,7 @@ class RASSteerer(Steerer):
             param = next(self.model.parameters())
             self._to(param.device, param.dtype)
             self.tokens_steered = {layer: 0 for layer in self.layers}
-            self._handles = [self._steps.attach(self.model), final_norm(self.model).register_forward_hook(self._norm_hook)]
+            self._handles = [*self._steps.attach(self.model), final_norm(self.model).register_forward_hook(self._norm_hook)]
         return self
 
     def _norm_hook(self, module, args, output):
