@@ -302,7 +302,7 @@ def parse_bench(spec: str) -> tuple[str, str]:
     """``NAME:PATH`` -> ``(name, path)`` (the path may itself contain colons)."""
     name, sep, path = spec.partition(":")
     if not sep or not name or not path:
-        raise EvalError(f"--bench {spec!r}: write NAME:PATH, e.g. safebench-tiny:../shared/benchmarks/figstep")
+        raise EvalError(f"--bench {spec!r}: write NAME:PATH, e.g. safebench-tiny:data/figstep (a folder holding safebench.csv)")
     return name.strip(), path.strip()
 
 
