@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.daco-installed
 
-.PHONY: install test-deps wordnet fonts chromium demo test test-latest lock bench clean
+.PHONY: install test-deps wordnet fonts chromium demo test test-fast test-latest lock bench clean
 
 # what the pipeline and the library need
 install: $(STAMP) wordnet
@@ -78,6 +78,10 @@ demo: install
 
 test: install test-deps
 	$(PY) -m pytest -q
+
+# the inner loop: everything but the full-build and real-img2dataset tests (CI runs them all)
+test-fast: install test-deps
+	$(PY) -m pytest -q -m "not slow"
 
 bench: install
 	for b in bench/*.py; do $(PY) $$b || exit 1; done

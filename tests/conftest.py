@@ -4,6 +4,16 @@ from __future__ import annotations
 
 import pytest
 
+SLOW_FIXTURES = ("small_corpus", "tiny_build")
+"""Fixtures that run real img2dataset over 127.0.0.1 or a full ``daco build``: every test using
+one, directly or through another fixture, is marked ``slow`` (``make test-fast`` skips them)."""
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(name in getattr(item, "fixturenames", ()) for name in SLOW_FIXTURES):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory):
