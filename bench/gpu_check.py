@@ -624,6 +624,8 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_grad_enabled(False)
+    if args.smoke:
+        torch.set_num_threads(1)  # tiny ops: one thread, no spin-waiting on a shared CPU
     result = {"smoke": args.smoke, "shapes": dataclasses.asdict(shapes), "environment": environment(shapes, wheels),
               "figures": {}, "left_out": {"sae_training": "needs `daco train-sae` (issue 14, Trained DACO), not landed"}}
 
