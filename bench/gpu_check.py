@@ -69,13 +69,15 @@ ROOT = BENCH.parent
 for path in (str(ROOT), str(BENCH)):  # the repo's packages and the other benchmarks, without an install
     if path not in sys.path:
         sys.path.insert(0, path)
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # and Beam's processes
 
 WHEELS = ROOT / ".whl"
 SITE = Path("/tmp/daco-gpu-check-site")
 QWEN_CONFIG = BENCH / "qwen2_5_vl_7b_config.json"
 PRESET = ROOT / "pipeline" / "presets" / "cc3m-qwen2.5-vl-7b.yaml"
 RESULTS = BENCH / "results" / "gpu_check.json"
-FIGURES = ("capture", "steering", "clip", "retrieval")
+FIGURES = ("capture", "steering", "retrieval", "clip")
+"""In the order they run: the Beam stage (multi-process model sharing on a GPU) goes last."""
 H200_DENSE_BF16 = 989.4e12
 """FLOP/s: NVIDIA H200 SXM datasheet, BF16 Tensor Core 1,979 TFLOP/s with 2:4 sparsity, i.e. 989.4 dense."""
 STAGE_STIMULI = 400_000
@@ -166,6 +168,7 @@ def install_wheels(modules=("apache_beam", "open_clip")) -> list[str]:
                     "--no-cache-dir", "--upgrade", "--target", str(SITE), *map(str, wheels)], check=True)
     sys.path.append(str(SITE))
     importlib.invalidate_caches()
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(SITE)]))
     return [w.name for w in wheels]
 
 
@@ -666,10 +669,10 @@ def main(argv=None) -> int:
             gc.collect()
             if shapes.device == "cuda":
                 torch.cuda.empty_cache()
-    if "clip" in args.only:
-        run("clip", figure_clip, shapes)
     if "retrieval" in args.only:
         run("retrieval", figure_retrieval, shapes)
+    if "clip" in args.only:
+        run("clip", figure_clip, shapes)
     save()
     failed = sorted(name for name, fig in result["figures"].items() if "error" in fig)
     say(f"wrote {args.out} in {result['elapsed_s']:.0f}s" + (f"; FAILED: {', '.join(failed)}" if failed else ""))

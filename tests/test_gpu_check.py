@@ -87,4 +87,4 @@ def test_full_run_without_a_gpu_fails_fast_saying_what_to_do():
 def test_unknown_figure_is_an_error_naming_the_choices(capsys):
     with pytest.raises(SystemExit):
         gpu_check.parse_args(["--only", "capture,sae"])
-    assert "capture, steering, clip, retrieval" in capsys.readouterr().err
+    assert "capture, steering, retrieval, clip" in capsys.readouterr().err
