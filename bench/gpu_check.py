@@ -69,7 +69,8 @@ ROOT = BENCH.parent
 for path in (str(ROOT), str(BENCH)):  # the repo's packages and the other benchmarks, without an install
     if path not in sys.path:
         sys.path.insert(0, path)
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # and Beam's processes
+
+from common import median  # noqa: E402  (bench/common.py)
 
 WHEELS = ROOT / ".whl"
 SITE = Path("/tmp/daco-gpu-check-site")
@@ -209,10 +210,6 @@ def timed(fn, device: str, reps: int) -> list[float]:
     return times
 
 
-def median(values) -> float:
-    return float(sorted(values)[len(values) // 2])
-
-
 def jpeg(rng, px: int) -> bytes:
     """A random ``px`` x ``px`` RGB JPEG (the stages decode bytes, as they read them from shards)."""
     from PIL import Image
@@ -244,7 +241,7 @@ def qwen_config(smoke: bool, tokenizer) -> dict:
            ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|endoftext|>")}
     config.update(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                   vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-                  vision_token_id=ids["<|vision_start|>"], bos_token_id=ids["<|endoftext|>"],
+                  bos_token_id=ids["<|endoftext|>"],
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     return config
 
@@ -617,6 +614,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     shapes = SMOKE if args.smoke else FULL
     started = time.perf_counter()
+    # the repo's packages for the processes Beam starts too (on a GPU the model server is one)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     try:
         check_device(shapes)
         wheels = install_wheels()
