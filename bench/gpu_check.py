@@ -52,6 +52,7 @@ import argparse
 import dataclasses
 import gc
 import importlib
+import importlib.metadata
 import importlib.util
 import io
 import json
@@ -154,22 +155,32 @@ def check_device(shapes: Shapes) -> None:
                              "need about 60 GiB (an H200 has 139)")
 
 
-def install_wheels(modules=("apache_beam", "open_clip")) -> list[str]:
-    """Install the carried wheels (``.whl/*.whl``) when one of ``modules`` does not import; the
-    names of the wheels installed. Device packages win over carried ones (the site goes last)."""
+def installed(project: str) -> bool:
+    """Whether a distribution named ``project`` is installed (names compared normalised)."""
+    try:
+        importlib.metadata.distribution(project)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def install_wheels(modules=("apache_beam", "open_clip"), wheels_dir: Path = WHEELS, site: Path = SITE) -> list[str]:
+    """When one of ``modules`` does not import, install the carried wheels (``.whl/*.whl``) of the
+    distributions not installed here into ``site`` (pip, offline, no dependency resolution) and put
+    it on the path of this process and of the processes it starts; the names of the wheels installed."""
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if not missing:
         return []
-    wheels = sorted(WHEELS.glob("*.whl"))
+    wheels = [w for w in sorted(wheels_dir.glob("*.whl")) if not installed(w.name.split("-")[0])]
     if not wheels:
-        raise CheckError(f"{', '.join(missing)} not installed and no wheels in {WHEELS}: run `make gpu-check-wheels` "
-                         "on a machine with network and carry '.whl' (docs/gpu-check.md)")
-    say(f"installing {len(wheels)} carried wheels into {SITE} ({', '.join(missing)} missing)")
+        raise CheckError(f"{', '.join(missing)} not installed and no wheel for it in {wheels_dir}: run "
+                         "`make gpu-check-wheels` on a machine with network and carry '.whl' (docs/gpu-check.md)")
+    say(f"installing {len(wheels)} carried wheels into {site} ({', '.join(missing)} missing)")
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                    "--no-cache-dir", "--upgrade", "--target", str(SITE), *map(str, wheels)], check=True)
-    sys.path.append(str(SITE))
+                    "--no-cache-dir", "--upgrade", "--target", str(site), *map(str, wheels)], check=True)
+    sys.path.append(str(site))
     importlib.invalidate_caches()
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(SITE)]))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(site)]))
     return [w.name for w in wheels]
 
 

@@ -5,6 +5,7 @@ The full run needs a GPU (docs/gpu-check.md); these keep the prepared script fro
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -88,3 +89,47 @@ def test_unknown_figure_is_an_error_naming_the_choices(capsys):
     with pytest.raises(SystemExit):
         gpu_check.parse_args(["--only", "capture,sae"])
     assert "capture, steering, retrieval, clip" in capsys.readouterr().err
+
+
+def _wheel(folder: Path, name: str, source: str) -> Path:
+    """A minimal pure-Python wheel of one module ``name`` (a real wheel pip installs)."""
+    import base64
+    import hashlib
+    import zipfile
+
+    files = {f"{name}/__init__.py": source,
+             f"{name}-0.1.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n",
+             f"{name}-0.1.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                            "Tag: py3-none-any\n"}
+    def digest(text: str) -> str:
+        return base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+
+    record = [f"{path},sha256={digest(text)},{len(text.encode())}" for path, text in files.items()]
+    files[f"{name}-0.1.dist-info/RECORD"] = "\n".join(record + [f"{name}-0.1.dist-info/RECORD,,"]) + "\n"
+    path = folder / f"{name}-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for member, text in files.items():
+            z.writestr(member, text)
+    return path
+
+
+def test_carried_wheels_are_installed_when_a_module_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("PYTHONPATH", "")
+    wheels = tmp_path / "whl"
+    wheels.mkdir()
+    _wheel(wheels, "daco_gpu_check_probe", "VALUE = 42\n")
+    _wheel(wheels, "numpy", "")  # installed here already: not reinstalled
+    site = tmp_path / "site"
+    installed = gpu_check.install_wheels(("daco_gpu_check_probe",), wheels, site)
+    assert installed == ["daco_gpu_check_probe-0.1-py3-none-any.whl"]
+    import daco_gpu_check_probe
+
+    assert daco_gpu_check_probe.VALUE == 42 and str(site) in os.environ["PYTHONPATH"]
+    assert not (site / "numpy").exists()
+    sys.modules.pop("daco_gpu_check_probe")
+
+
+def test_a_missing_module_without_wheels_fails_naming_the_fix(tmp_path):
+    with pytest.raises(gpu_check.CheckError, match="make gpu-check-wheels"):
+        gpu_check.install_wheels(("daco_no_such_module",), tmp_path, tmp_path / "site")
