@@ -257,7 +257,7 @@ def qwen_config(smoke: bool, tokenizer) -> dict:
     return config
 
 
-def build_qwen(shapes: Shapes, smoke: bool, seed: int = 0):
+def build_qwen(shapes: Shapes, smoke: bool, attention: str = "auto", seed: int = 0):
     """A randomly initialised Qwen2.5-VL-7B (flagged untrained) built on the device in the stage's dtype,
     the real processor classes at the real patch sizes around the adapter's offline tokenizer, and
     the adapter: a ``transforms.activations.LoadedMLLM``."""
@@ -273,7 +273,8 @@ def build_qwen(shapes: Shapes, smoke: bool, seed: int = 0):
     tokenizer = adapter.build_untrained(seed).processor.tokenizer  # the offline tokenizer (its tiny model is dropped)
     config = AutoConfig.for_model(**qwen_config(smoke, tokenizer))
     config.untrained = True
-    attention = "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
+    if attention == "auto":
+        attention = "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
     torch.manual_seed(seed)
     with torch.device(shapes.device):
         model = getattr(transformers, adapter.model_class_name)._from_config(
@@ -287,7 +288,7 @@ def build_qwen(shapes: Shapes, smoke: bool, seed: int = 0):
         video_processor=Qwen2VLVideoProcessor(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
                                               temporal_patch_size=vision.temporal_patch_size),
         tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
-    return LoadedMLLM(model, processor, adapter), attention
+    return LoadedMLLM(model, processor, adapter)
 
 
 def matmul_rate(shapes: Shapes) -> float:
@@ -307,7 +308,7 @@ def matmul_rate(shapes: Shapes) -> float:
 # ----------------------------------------------------------------------------- figure 1
 
 
-def figure_capture(loaded, attention: str, shapes: Shapes, seed: int = 0) -> dict:
+def figure_capture(loaded, shapes: Shapes, seed: int = 0) -> dict:
     """Activation capture through the stage at the model's full size (see the module docstring)."""
     import numpy as np
     import torch
@@ -321,6 +322,7 @@ def figure_capture(loaded, attention: str, shapes: Shapes, seed: int = 0) -> dic
     cfg = MLLMConfig.from_dict({**{k: section[k] for k in ("layers", "pooling", "prompt_template", "batch_size")},
                                 "device": shapes.device, **({"batch_size": shapes.batch_size} if shapes.batch_size else {})})
     model, processor, adapter = loaded
+    attention = model.config._attn_implementation  # what the model runs, whatever was asked
     rng = np.random.default_rng(seed)
     per_example = 4 * cfg.batch_size  # fixed_batches(group, 4 * batch_size)
     examples = [tuple((jpeg(rng, shapes.image_px), caption(rng)) for _ in range(per_example))
@@ -610,6 +612,8 @@ def parse_args(argv=None):
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (every code path; under a minute)")
     parser.add_argument("--only", default=",".join(FIGURES),
                         help=f"comma-separated figures to run, of {', '.join(FIGURES)} (default: all)")
+    parser.add_argument("--attention", default="auto", choices=("auto", "sdpa", "flash_attention_2", "flex_attention", "eager"),
+                        help="the Qwen model's attn_implementation (auto: flash_attention_2 when flash_attn imports, else sdpa)")
     parser.add_argument("--out", type=Path, default=None,
                         help=f"result JSON (default {RESULTS.relative_to(ROOT)}; --smoke: gpu_check_smoke.json beside it)")
     args = parser.parse_args(argv)
@@ -663,7 +667,7 @@ def main(argv=None) -> int:
     if {"capture", "steering"} & set(args.only):
         t0 = time.perf_counter()
         try:
-            loaded, attention = build_qwen(shapes, args.smoke)
+            loaded = build_qwen(shapes, args.smoke, args.attention)
         except Exception as exc:  # noqa: BLE001 - reported like a figure's failure
             traceback.print_exc()
             for name in {"capture", "steering"} & set(args.only):
@@ -672,7 +676,7 @@ def main(argv=None) -> int:
             say(f"[model] untrained Qwen2.5-VL-7B{' (smoke sizes)' if args.smoke else ''} built on {shapes.device} "
                 f"in {time.perf_counter() - t0:.0f}s")
             if "capture" in args.only:
-                run("capture", figure_capture, loaded, attention, shapes)
+                run("capture", figure_capture, loaded, shapes)
             if "steering" in args.only:
                 run("steering", figure_steering, loaded, shapes)
             del loaded

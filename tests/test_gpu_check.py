@@ -44,7 +44,7 @@ def test_smoke_runs_every_figure_without_error(smoke):
 def test_smoke_capture_goes_through_the_stage_on_the_real_architecture(smoke):
     capture = smoke[0]["figures"]["capture"]
     assert capture["model"]["class"] == "Qwen2_5_VLForConditionalGeneration"
-    assert capture["model"]["untrained"] is True
+    assert capture["model"]["untrained"] is True and capture["model"]["attention"] == "sdpa"
     assert capture["model"]["num_hidden_layers"] == 20 and capture["stage_config"]["layers"] == [15, 16, 17, 18, 19]
     # 56 px at patch 14, merge 2: 4 image tokens, plus the chat template and the caption
     assert capture["attended_tokens"] > 4 * capture["stimuli"]
