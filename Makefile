@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.daco-installed
 
-.PHONY: install test-deps wordnet fonts chromium demo test test-latest lock bench gpu-check gpu-check-wheels clean
+.PHONY: install test-deps wordnet fonts chromium demo test test-latest lock bench gpu-check gpu-check-wheels gpu-check-imports clean
 
 # what the pipeline and the library need
 install: $(STAMP) wordnet
@@ -88,7 +88,8 @@ gpu-check:
 	PYTHONUNBUFFERED=1 $(PYTHON) bench/gpu_check.py
 
 # Wheels the GPU machine lacks (it has torch, transformers, timm, pandas, pyarrow, grpcio, ...):
-# open_clip, and apache-beam with the dependencies its import needs there. x86-64 CPython 3.12.
+# open_clip, and apache-beam with the dependencies its import needs there (`make gpu-check-imports`
+# checks the list against bench/gpu_machine_packages.txt). x86-64 CPython 3.12.
 GPU_CHECK_WHEELS := apache-beam==2.77.0 open-clip-torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 proto-plus==1.29.0 \
 	fastavro==1.13.1 beartype==0.22.9 httplib2==0.32.1 zstandard==0.25.0 jsonpickle==4.1.4 fasteners==0.20 \
 	objsize==0.7.1 cryptography==50.0.2 cffi==2.1.1 pytz==2026.6
@@ -97,6 +98,10 @@ gpu-check-wheels:
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
 	  --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl $(GPU_CHECK_WHEELS)
 	@du -ch .whl/*.whl | tail -1 | sed 's/total/in .whl: carry ".whl" (64 MiB per call, working tree included)/'
+
+# Here: the smoke check with only the GPU machine's packages and the wheels above importable.
+gpu-check-imports: install
+	$(PY) bench/gpu_check_imports.py --carry "$(GPU_CHECK_WHEELS)"
 
 clean:
 	rm -rf daco-out .pytest_cache
