@@ -16,9 +16,9 @@ Figures (each printed as it is measured; ``bench/results/gpu_check.json`` is rew
    dense bf16 peak of 989.4 TFLOP/s (NVIDIA H200 datasheet: 1,979 TFLOP/s with 2:4
    sparsity) and against the bf16 matmul rate measured in the same run.
 2. ``clip``: untrained CLIP ViT-L-14 pairs/s through ``transforms.embed``: the bare forward
-   (``LoadedClip.embed_pairs`` on prepared batches), the stage's ``ClipModelHandler``, and
-   the whole Beam stage (``ComputeEmbeddings`` on the local runner, bench/clip_throughput.py's
-   timing; model load reported apart).
+   (``LoadedClip.embed_pairs`` on prepared batches) against the whole Beam stage
+   (``ComputeEmbeddings`` on the local runner, bench/clip_throughput.py's timing; model
+   load reported apart). Beam's wheels fit the carry, so the stage runs through Beam.
 3. ``retrieval``: 15,000 queries over 3.3M random unit vectors (d 768, stored float16 as
    the embeddings stage writes them), top 50 by inner product: exact torch (fp32
    matmul, TF32 off, + top-k, query chunks) against the fp16 matmul (opt-in
@@ -308,15 +308,30 @@ def matmul_rate(shapes: Shapes) -> float:
 # ----------------------------------------------------------------------------- figure 1
 
 
+class RecordingAdapter:
+    """A model adapter that keeps every batch of inputs built through it (all else is the adapter's)."""
+
+    def __init__(self, adapter):
+        self._adapter = adapter
+        self.inputs = []
+
+    def build_inputs(self, *args, **kwargs):
+        inputs = self._adapter.build_inputs(*args, **kwargs)
+        self.inputs.append(inputs)
+        return inputs
+
+    def __getattr__(self, name):
+        return getattr(self._adapter, name)
+
+
 def figure_capture(loaded, shapes: Shapes, seed: int = 0) -> dict:
     """Activation capture through the stage at the model's full size (see the module docstring)."""
     import numpy as np
-    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from capture_throughput import full_forward
     from steering.capture import capture, forward_until
-    from transforms.activations import MLLMActivationHandler, MLLMConfig
+    from transforms.activations import LoadedMLLM, MLLMActivationHandler, MLLMConfig
 
     section = preset()["mllm"]
     cfg = MLLMConfig.from_dict({**{k: section[k] for k in ("layers", "pooling", "prompt_template", "batch_size")},
@@ -330,24 +345,18 @@ def figure_capture(loaded, shapes: Shapes, seed: int = 0) -> dict:
     n = per_example * len(examples)
     handler = MLLMActivationHandler(cfg)
 
-    def stage():
-        results = handler.run_inference(examples, loaded)
+    def stage(mllm=loaded):
+        results = handler.run_inference(examples, mllm)
         failed = [v["error"] for r in results for v in r.inference if "error" in v]
         if failed:
             raise RuntimeError(f"{len(failed)} stimuli failed in the stage: {failed[0]}")
 
-    # the same batches, prepared beforehand as pooled_activations cuts them, for the forward-only timings
-    from PIL import Image
-
-    batches = []
-    for example in examples:
-        order = sorted(range(len(example)), key=lambda i: (len(example[i][1]), i))
-        for start in range(0, len(order), cfg.batch_size):
-            chunk = [example[i] for i in order[start:start + cfg.batch_size]]
-            images = [Image.open(io.BytesIO(b)).convert("RGB") for b, _ in chunk]
-            inputs = adapter.build_inputs(processor, images, [c for _, c in chunk], cfg.prompt_template).to(model.device)
-            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-            batches.append(inputs)
+    # the batches the stage builds (its own cutting and inputs), kept for timing the forwards alone
+    recorder = RecordingAdapter(adapter)
+    stage(LoadedMLLM(model, processor, recorder))
+    batches = [inputs.to(model.device) for inputs in recorder.inputs]
+    for inputs in batches:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
     padded = int(sum(b["attention_mask"].numel() for b in batches))
     layers = cfg.layers
@@ -444,13 +453,13 @@ def figure_steering(loaded, shapes: Shapes, seed: int = 0) -> dict:
 
 
 def figure_clip(shapes: Shapes, seed: int = 0) -> dict:
-    """CLIP pairs/s: bare forward, the stage's ClipModelHandler, and the Beam stage end to end."""
+    """CLIP pairs/s: the bare forward against the Beam stage end to end (model load excluded)."""
     import numpy as np
     import torch
     from PIL import Image
 
     from clip_throughput import _time_bare, _time_beam
-    from transforms.embed import ClipConfig, ClipModelHandler, load_clip
+    from transforms.embed import ClipConfig, load_clip
 
     batch = shapes.clip_batch or preset()["clip"]["batch_size"]
     cfg = ClipConfig(model_name=shapes.clip_model, pretrained=None, allow_untrained=True, batch_size=batch,
@@ -467,12 +476,8 @@ def figure_clip(shapes: Shapes, seed: int = 0) -> dict:
             examples.append((loaded.preprocess(img.convert("RGB")), loaded.tokenizer([r["caption"]])[0]))
     chunks = [examples[i:i + batch] for i in range(0, len(examples), batch)]
     batches = [(torch.stack([e[0] for e in c]), torch.stack([e[1] for e in c])) for c in chunks]
-    handler = ClipModelHandler(cfg)
-    variants = {"bare": lambda: _time_bare(loaded, batches),
-                "handler": lambda: [handler.run_inference(c, loaded) for c in chunks]}
-    for fn in variants.values():
-        fn()
-    med = {name: median(timed(fn, shapes.device, shapes.reps)) for name, fn in variants.items()}
+    _time_bare(loaded, batches)  # warm-up
+    med = {"bare": median(timed(lambda: _time_bare(loaded, batches), shapes.device, shapes.reps))}
     del loaded
     gc.collect()
     with tempfile.TemporaryDirectory() as out:
@@ -482,16 +487,15 @@ def figure_clip(shapes: Shapes, seed: int = 0) -> dict:
     rate = {name: n / t for name, t in med.items()}
     say(f"[clip] untrained {cfg.model_name}, batch {batch}, {n} pairs of {shapes.clip_image_px}px JPEG + caption "
         f"(model built in {load_s:.1f}s):")
-    for name in ("bare", "handler", "beam"):
-        say(f"[clip]   {name:<8} {rate[name]:9.1f} pairs/s")
+    for name in ("bare", "beam"):
+        say(f"[clip]   {name:<5} {rate[name]:9.1f} pairs/s")
     say(f"[clip] Beam stage end to end {beam_wall:.1f}s, of which model load {beam_load:.1f}s; "
-        f"through Beam (model load excluded) / bare: {rate['beam'] / rate['bare']:.2f}; "
-        f"ModelHandler / bare: {rate['handler'] / rate['bare']:.2f} (goal >= 0.8)")
+        f"through Beam (model load excluded) / bare: {rate['beam'] / rate['bare']:.2f} (goal >= 0.8)")
     return {"model": cfg.model_name, "untrained": True, "batch_size": batch, "pairs": n,
             "image_px": shapes.clip_image_px, "median_s": med, "pairs_per_s": rate,
             "beam_wall_s": beam_wall, "beam_model_load_s": beam_load,
-            "beam_over_bare": rate["beam"] / rate["bare"], "handler_over_bare": rate["handler"] / rate["bare"],
-            "path": "Beam (ComputeEmbeddings on the local runner) and the stage's ClipModelHandler",
+            "beam_over_bare": rate["beam"] / rate["bare"],
+            "path": "Beam: ComputeEmbeddings on the local runner (its wheels fit the carry)",
             "goal_min": 0.8}
 
 

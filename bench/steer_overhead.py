@@ -14,7 +14,7 @@ on, a fixed number of new tokens):
 * ``actadd``: ActAdd with the dictionary vector;
 * ``mop``: MOP, elastic net over the 15,000 unit concept directions, capped at
   ``--mop-iters`` FISTA iterations per solve (fewer rounds and tokens: it is slow);
-* ``refusal``, ``mars``, ``iar``, ``ras``: the published defences (METHODS.md §4) with seeded
+* ``refusal``, ``mars``, ``iar``, ``ras``: the published defences (docs/methods.md §4) with seeded
   random parameters (:func:`defence_steerers`; their steering-work-alone row is not measured).
 
 Per generated token means per decode step: a streamer timestamps every new token, and
@@ -48,7 +48,7 @@ from steering.steerers import IARSteerer, MARSSteerer, RASSteerer, RefusalDirect
 
 RESULTS = Path(__file__).parent / "results" / "steer_overhead.json"
 DEFENCES = ("refusal", "mars", "iar", "ras")
-"""The published defences (METHODS.md §4), timed with seeded random parameters (see defence_steerers)."""
+"""The published defences (docs/methods.md §4), timed with seeded random parameters (see defence_steerers)."""
 LAYERS = (15, 16, 17, 18, 19)
 MODEL_SIZE = dict(hidden_size=1024, intermediate_size=5376, num_hidden_layers=24, num_attention_heads=16,
                   num_key_value_heads=4)

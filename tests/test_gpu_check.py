@@ -60,9 +60,9 @@ def test_smoke_steering_times_every_method_against_plain(smoke):
     assert all(m["decode_wall"]["ms"] > 0 for m in steering["methods"].values())
 
 
-def test_smoke_clip_measures_bare_handler_and_beam(smoke):
+def test_smoke_clip_measures_bare_and_beam(smoke):
     clip = smoke[0]["figures"]["clip"]
-    assert set(clip["pairs_per_s"]) == {"bare", "handler", "beam"} and min(clip["pairs_per_s"].values()) > 0
+    assert set(clip["pairs_per_s"]) == {"bare", "beam"} and min(clip["pairs_per_s"].values()) > 0
     assert clip["beam_wall_s"] > clip["beam_model_load_s"] >= 0
 
 
