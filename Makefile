@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.daco-installed
 
-.PHONY: install test-deps wordnet fonts chromium demo test test-fast test-latest lock bench clean
+.PHONY: install test-deps wordnet fonts chromium demo test test-fast test-latest lock bench gpu-check gpu-check-wheels gpu-check-imports clean
 
 # what the pipeline and the library need
 install: $(STAMP) wordnet
@@ -85,6 +85,27 @@ test-fast: install test-deps
 
 bench: install
 	for b in bench/*.py; do $(PY) $$b || exit 1; done
+
+# The prepared GPU check (bench/gpu_check.py, docs/gpu-check.md): on the GPU machine, with the
+# wheels below carried as .whl/ (the script installs them). Versions are requirements.lock's.
+gpu-check:
+	PYTHONUNBUFFERED=1 $(PYTHON) bench/gpu_check.py
+
+# Wheels the GPU machine lacks (it has torch, transformers, timm, pandas, pyarrow, grpcio, ...):
+# open_clip, and apache-beam with the dependencies its import needs there (`make gpu-check-imports`
+# checks the list against bench/gpu_machine_packages.txt). x86-64 CPython 3.12.
+GPU_CHECK_WHEELS := apache-beam==2.77.0 open-clip-torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 proto-plus==1.29.0 \
+	fastavro==1.13.1 beartype==0.22.9 httplib2==0.32.1 zstandard==0.25.0 jsonpickle==4.1.4 fasteners==0.20 \
+	objsize==0.7.1 cryptography==50.0.2 cffi==2.1.1 pytz==2026.6
+gpu-check-wheels:
+	rm -rf .whl && $(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl $(GPU_CHECK_WHEELS)
+	@du -ch .whl/*.whl | tail -1 | sed 's/total/in .whl: carry ".whl" (64 MiB per call, working tree included)/'
+
+# Here: the smoke check with only the GPU machine's packages and the wheels above importable.
+gpu-check-imports: install
+	$(PY) bench/gpu_check_imports.py --carry "$(GPU_CHECK_WHEELS)"
 
 clean:
 	rm -rf daco-out .pytest_cache

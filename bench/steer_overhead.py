@@ -14,7 +14,7 @@ on, a fixed number of new tokens):
 * ``actadd``: ActAdd with the dictionary vector;
 * ``mop``: MOP, elastic net over the 15,000 unit concept directions, capped at
   ``--mop-iters`` FISTA iterations per solve (fewer rounds and tokens: it is slow);
-* ``refusal``, ``mars``, ``iar``, ``ras``: the published defences (METHODS.md §4) with seeded
+* ``refusal``, ``mars``, ``iar``, ``ras``: the published defences (docs/methods.md §4) with seeded
   random parameters (:func:`defence_steerers`; their steering-work-alone row is not measured).
 
 Per generated token means per decode step: a streamer timestamps every new token, and
@@ -48,7 +48,7 @@ from steering.steerers import IARSteerer, MARSSteerer, RASSteerer, RefusalDirect
 
 RESULTS = Path(__file__).parent / "results" / "steer_overhead.json"
 DEFENCES = ("refusal", "mars", "iar", "ras")
-"""The published defences (METHODS.md §4), timed with seeded random parameters (see defence_steerers)."""
+"""The published defences (docs/methods.md §4), timed with seeded random parameters (see defence_steerers)."""
 LAYERS = (15, 16, 17, 18, 19)
 MODEL_SIZE = dict(hidden_size=1024, intermediate_size=5376, num_hidden_layers=24, num_attention_heads=16,
                   num_key_value_heads=4)
@@ -96,6 +96,8 @@ class StepClock:
         self.cpu: list[float] = []
 
     def put(self, value):  # first call: the prompt; then one call per new token
+        if value.is_cuda:  # a token is computed when it can be read, not when its kernels are queued
+            torch.cuda.synchronize(value.device)
         self.wall.append(time.perf_counter())
         self.cpu.append(time.process_time())
 
@@ -168,6 +170,87 @@ def defence_steerers(model, seed: int) -> dict:
     }
 
 
+def random_dictionary(atoms: int, hidden: int, k: int, seed: int):
+    """Seeded random directions per steered layer (:data:`LAYERS`), their dictionary-initialised TopK
+    SAEs, and the undesirable (10%) and desirable (1%) atoms: (directions, saes, undesirable, desirable)."""
+    g = torch.Generator().manual_seed(seed)
+    n_neg, n_pos = atoms // 10, atoms // 100
+    order = torch.randperm(atoms, generator=g)
+    undesirable, desirable = order[:n_neg].tolist(), order[n_neg:n_neg + n_pos].tolist()
+    directions = {layer: torch.randn(atoms, hidden, generator=g) for layer in LAYERS}
+    saes = {layer: SAE.from_dictionary(d, k=k) for layer, d in directions.items()}
+    for sae in saes.values():
+        sae.requires_grad_(False)
+    return directions, saes, undesirable, desirable
+
+
+def dictionary_steerers(model, tokenizer, atoms: int, k: int, mop_iters: int, seed: int):
+    """``plain`` (None), ``daco`` (fast, calibrated), ``daco_exact``, ``actadd`` and ``mop`` on ``model``
+    with one random ``atoms``-atom dictionary per layer; also the calibration activations and reports."""
+    hidden = model.get_input_embeddings().weight.shape[1]
+    directions, saes, undesirable, desirable = random_dictionary(atoms, hidden, k, seed)
+    daco = DacoSteerer(model, saes, undesirable, desirable, gamma=1.0, mode="fast")
+    device = next(model.parameters()).device
+    calibration = record_activations(model, LAYERS, text_inputs(tokenizer, CALIBRATION_PROMPTS).to(device))
+    reports = daco.calibrate(calibration, holdout=0.25)
+    steerers = {
+        "plain": None,
+        "daco": daco,
+        "daco_exact": DacoSteerer(model, saes, undesirable, desirable, gamma=1.0, mode="exact"),
+        "actadd": ActAddSteerer.from_directions(model, directions, undesirable, desirable, coefficient=1.0),
+        "mop": MOPSteerer(model, directions, undesirable, desirable, gamma=1.0, solver="elastic_net",
+                          max_iter=mop_iters, tol=0.0).prepare(),
+    }
+    return steerers, calibration, reports
+
+
+def time_methods(model, inputs, steerers, rounds: int, new_tokens: int, mop_rounds: int, mop_new_tokens: int):
+    """Each steerer (None: unsteered) timed on the same greedy generation after one untimed warm-up,
+    rounds interleaved with the order rotating: {name: [time_generation's result per round]}."""
+
+    def timed(name):
+        steerer = steerers[name]
+        tokens = mop_new_tokens if name == "mop" else new_tokens
+        if steerer is None:
+            return time_generation(model, inputs, tokens)
+        with steerer:
+            return time_generation(model, inputs, tokens)
+
+    names = list(steerers)
+    timed("plain")  # warm-up, untimed
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            if name == "mop" and r >= mop_rounds:
+                continue
+            runs[name].append(timed(name))
+        print(f"round {r + 1}/{rounds} decode ms/token (wall / cpu): "
+              + ", ".join(f"{n} {runs[n][-1]['decode'] * 1e3:.0f} / {runs[n][-1]['decode_cpu'] * 1e3:.0f}"
+                          for n in names if len(runs[n]) > r), flush=True)
+    return runs
+
+
+def summarise(runs) -> dict[str, dict]:
+    """Per method and clock: median ms per token, overhead against ``plain``, and the median of the
+    per-round ratios ("paired")."""
+
+    def summary(name, key):
+        values = [run[key] for run in runs[name]]
+        base = [run[key] for run in runs["plain"]]
+        median = statistics.median(values)
+        return {"ms": median * 1e3, "overhead_pct": (median / statistics.median(base) - 1) * 100,
+                "paired_overhead_pct": statistics.median(v / base[i] - 1 for i, v in enumerate(values)) * 100,
+                "rounds_ms": [v * 1e3 for v in values]}
+
+    return {name: {"decode_wall": summary(name, "decode"), "decode_cpu": summary(name, "decode_cpu"),
+                   "prefill_wall": summary(name, "prefill")} for name in runs}
+
+
+PAPER_OVERHEAD_PCT = {"daco": 14.6, "actadd": 10.8, "mop": 49.4}
+"""The per-token overheads the DACO paper reports."""
+
+
 def main():
     args = parse_args()
     torch.manual_seed(args.seed)
@@ -179,69 +262,22 @@ def main():
     print(f"model: untrained Qwen2ForCausalLM, {n_params / 1e6:.0f}M parameters, {MODEL_SIZE}, "
           f"vocab {model.config.vocab_size} (built in {time.perf_counter() - t0:.0f}s); torch threads {torch.get_num_threads()}")
 
-    g = torch.Generator().manual_seed(args.seed)
     n_neg, n_pos = args.atoms // 10, args.atoms // 100
-    atoms = torch.randperm(args.atoms, generator=g)
-    undesirable, desirable = atoms[:n_neg].tolist(), atoms[n_neg:n_neg + n_pos].tolist()
-    directions = {layer: torch.randn(args.atoms, MODEL_SIZE["hidden_size"], generator=g) for layer in LAYERS}
-    saes = {layer: SAE.from_dictionary(d, k=args.k) for layer, d in directions.items()}
-    for sae in saes.values():
-        sae.requires_grad_(False)
-
-    daco = DacoSteerer(model, saes, undesirable, desirable, gamma=1.0, mode="fast")
-    calibration = record_activations(model, LAYERS, text_inputs(tokenizer, CALIBRATION_PROMPTS))
-    reports = daco.calibrate(calibration, holdout=0.25)
-    steerers = {
-        "plain": None,
-        "daco": daco,
-        "daco_exact": DacoSteerer(model, saes, undesirable, desirable, gamma=1.0, mode="exact"),
-        "actadd": ActAddSteerer.from_directions(model, directions, undesirable, desirable, coefficient=1.0),
-        "mop": MOPSteerer(model, directions, undesirable, desirable, gamma=1.0, solver="elastic_net",
-                          max_iter=args.mop_iters, tol=0.0).prepare(),
-    }
+    steerers, calibration, reports = dictionary_steerers(model, tokenizer, args.atoms, args.k, args.mop_iters, args.seed)
     steerers.update(defence_steerers(model, args.seed))
     inputs = text_inputs(tokenizer, [PROMPT])
     print(f"prompt: {inputs['input_ids'].shape[1]} tokens; {args.new_tokens} new tokens ({args.mop_new_tokens} for mop), "
           f"greedy, batch 1, KV cache; {args.rounds} rounds ({args.mop_rounds} for mop); SAE {args.atoms} atoms k={args.k} at layers {list(LAYERS)}; "
           f"{n_neg} undesirable, {n_pos} desirable atoms")
 
-    def timed(name):
-        steerer = steerers[name]
-        tokens = args.mop_new_tokens if name == "mop" else args.new_tokens
-        if steerer is None:
-            return time_generation(model, inputs, tokens)
-        with steerer:
-            return time_generation(model, inputs, tokens)
-
-    names = list(steerers)
-    timed("plain")  # warm-up, untimed
-    runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
-    for r in range(args.rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for name in order:
-            if name == "mop" and r >= args.mop_rounds:
-                continue
-            runs[name].append(timed(name))
-        print(f"round {r + 1}/{args.rounds} decode ms/token (wall / cpu): "
-              + ", ".join(f"{n} {runs[n][-1]['decode'] * 1e3:.0f} / {runs[n][-1]['decode_cpu'] * 1e3:.0f}"
-                          for n in names if len(runs[n]) > r), flush=True)
-
-    def summary(name, key):
-        values = [run[key] for run in runs[name]]
-        base = [run[key] for run in runs["plain"]]
-        median = statistics.median(values)
-        return {"ms": median * 1e3, "overhead_pct": (median / statistics.median(base) - 1) * 100,
-                "paired_overhead_pct": statistics.median(v / base[i] - 1 for i, v in enumerate(values)) * 100,
-                "rounds_ms": [v * 1e3 for v in values]}
-
-    rows = {name: {"decode_wall": summary(name, "decode"), "decode_cpu": summary(name, "decode_cpu"),
-                   "prefill_wall": summary(name, "prefill")} for name in names}
+    rows = summarise(time_methods(model, inputs, steerers, args.rounds, args.new_tokens, args.mop_rounds,
+                                  args.mop_new_tokens))
     hooks = hook_costs(steerers, calibration, reps=args.hook_reps, mop_reps=3)
     plain_cpu = rows["plain"]["decode_cpu"]["ms"] / 1e3
     for name, cost in hooks.items():
         rows[name]["hook_only"] = {"wall_ms": cost["wall"] * 1e3, "cpu_ms": cost["cpu"] * 1e3,
                                    "pct_of_plain_decode_cpu": cost["cpu"] / plain_cpu * 100}
-    paper = {"daco": 14.6, "actadd": 10.8, "mop": 49.4}
+    paper = PAPER_OVERHEAD_PCT
     print(f"\n{'method':<11} {'decode ms/token':>15} {'overhead':>9} {'paired':>8} {'cpu ms/token':>13} "
           f"{'cpu ovh':>8} {'prefill ms':>11} {'paper':>7}")
     for name, row in rows.items():
