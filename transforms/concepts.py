@@ -15,7 +15,7 @@ Steps, each counted:
 4. rank by picturability x frequency from published ratings (transforms/picturability.py;
    undesirable concepts first when ``prioritise_undesirable``; see :func:`rank_key`) and
    cut at ``max_concepts`` plus a ``reserve`` of the next-ranked candidates
-   (``dropped_cut``); ``kept`` is what is written, ``reserve`` rows flagged.
+   (``dropped_cut``); ``kept`` + ``reserve`` rows are written (the reserve flagged).
 
 docs/concepts.md explains the ranking, the sense choice and the instance policy.
 
@@ -214,12 +214,10 @@ class ConceptSelector:
         frequency = sum(count for _number, count in senses)
         if frequency < cfg.min_frequency:
             return None, "min_frequency"
-        evidence = self.ratings.synset([lemma.name() for lemma in lemmas])
-        if evidence is None:
-            return None, "picturability"
-        raw_c = None if evidence.concreteness is None else 1.0 + 4.0 * evidence.concreteness
-        raw_v = None if evidence.visual is None else 5.0 * evidence.visual
-        if (raw_c is not None and raw_c < cfg.min_concreteness) or (raw_v is not None and raw_v < cfg.min_visual):
+        columns = evidence_columns(self.ratings, [lemma.name() for lemma in lemmas], self.weights)
+        raw_c, raw_v = columns["concreteness"], columns["visual"]
+        if columns["picturability"] is None or (raw_c is not None and raw_c < cfg.min_concreteness) or (
+                raw_v is not None and raw_v < cfg.min_visual):
             return None, "picturability"
         path = min(synset.hypernym_paths(), key=lambda p: (len(p), [s.name() for s in p]))
         depth = len(path) - 1
@@ -236,16 +234,25 @@ class ConceptSelector:
             "frequency": frequency,
             "polarity": polarity,
             "polarity_source": source,
-            "concreteness": raw_c,
-            "visual": raw_v,
-            "zipf": evidence.frequency * ZIPF_CAP,
-            "picturability": evidence.score(self.weights),
+            **columns,
             # For the one-sense-per-lemma vote: (sense number, tag count) per lemma, the sense's
             # evidence, and whether it is an instance (proper noun).
             "_senses": senses,
             "_sense_evidence": self.sense_evidence(synset),
             "_instance": instance,
         }, None
+
+
+def evidence_columns(ratings: Ratings, lemma_names: list[str], weights: tuple[float, float, float]) -> dict:
+    """The rating columns of a concepts.parquet row: concreteness (1-5) and visual strength
+    (0-5) combined over the lemmas, the largest Zipf frequency, and the ranking score
+    (``picturability``); all None when no lemma is rated."""
+    evidence = ratings.synset(lemma_names)
+    if evidence is None:
+        return {"concreteness": None, "visual": None, "zipf": None, "picturability": None}
+    return {"concreteness": None if evidence.concreteness is None else 1.0 + 4.0 * evidence.concreteness,
+            "visual": None if evidence.visual is None else 5.0 * evidence.visual,
+            "zipf": evidence.frequency * ZIPF_CAP, "picturability": evidence.score(weights)}
 
 
 def all_synset_names(wn) -> list[str]:
@@ -334,7 +341,8 @@ def select_concepts_direct(cfg: ConceptsConfig) -> tuple[list[dict], dict[str, i
     counts["dropped_lemma_dedup"] = len(candidates) - len(labelled)
     kept = ranked(labelled, cfg)
     counts["dropped_cut"] = len(labelled) - len(kept)
-    counts["kept"] = len(kept)
+    counts["reserve"] = sum(r["reserve"] for r in kept)
+    counts["kept"] = len(kept) - counts["reserve"]
     return kept, counts
 
 
@@ -385,12 +393,15 @@ class _WriteConcepts(beam.DoFn):
     def __init__(self, path: str):
         self.path = path
         self.kept = Metrics.counter(NAMESPACE, "kept")
+        self.reserve = Metrics.counter(NAMESPACE, "reserve")
         self.cut = Metrics.counter(NAMESPACE, "dropped_cut")
 
     def process(self, rows, n_ranked, cfg):
         rows = ranked(rows, cfg)
         fileio.write_parquet_atomic(self.path, to_table(rows))
-        self.kept.inc(len(rows))
+        n_reserve = sum(r["reserve"] for r in rows)
+        self.kept.inc(len(rows) - n_reserve)
+        self.reserve.inc(n_reserve)
         self.cut.inc(n_ranked - len(rows))
         yield self.path
 
@@ -442,4 +453,4 @@ class WriteConcepts(beam.PTransform):
         return top | "Write" >> beam.ParDo(_WriteConcepts(self.path), beam.pvalue.AsSingleton(n_ranked), cfg)
 
 
-RECONCILIATION = Reconciliation(NAMESPACE, "read", tuple(f"dropped_{f}" for f in FILTERS) + ("kept",))
+RECONCILIATION = Reconciliation(NAMESPACE, "read", tuple(f"dropped_{f}" for f in FILTERS) + ("kept", "reserve"))

@@ -55,8 +55,9 @@ def _retrieve_config(args):
         raise SystemExit(str(exc)) from None
 
 
-def _concept_ids(path: str) -> list[str]:
+def _concept_pool(path: str) -> tuple[list[str], list[int] | None, int | None]:
     from transforms import fileio
+    from transforms.retrieve import concept_pool
 
     try:
         table = fileio.read_parquet(path)
@@ -69,7 +70,7 @@ def _concept_ids(path: str) -> list[str]:
     ids = table.column("concept_id").to_pylist()
     if not ids or len(set(ids)) != len(ids):
         raise SystemExit(f"--concepts {path}: needs at least one concept and unique concept_id values")
-    return ids
+    return concept_pool(table)
 
 
 def _supplied_embeddings(emb_dir: str, clip, resolved) -> dict:
@@ -112,7 +113,7 @@ def run(args, beam_args):
     quiet_beam_logging()
     cfg = _retrieve_config(args)
     clip = clip_config_from_args(args)
-    concept_ids = _concept_ids(args.concepts)
+    concept_ids, ranks, target = _concept_pool(args.concepts)
     try:
         resolved = embed.resolve_clip_config(clip)
     except embed.ClipLoadError as exc:
@@ -138,7 +139,8 @@ def run(args, beam_args):
             ready.append(records | "ComputeEmbeddings" >> embed.ComputeEmbeddings(args.out, clip))
         after = tuple(ready) | "EmbeddingsWritten" >> beam.Flatten()
         p | "RetrieveStimuli" >> retrieve.RetrieveStimuli(args.out, emb_dir, concepts_npy, concept_ids, cfg,
-                                                          after=after, provenance=provenance)
+                                                          after=after, provenance=provenance, ranks=ranks,
+                                                          target=target)
 
     try:
         counters = run_pipeline(build, beam_args)
@@ -151,6 +153,8 @@ def run(args, beam_args):
     get = lambda name: counters.get(f"retrieve.{name}", 0)  # noqa: E731
     out = args.out.rstrip("/")
     print(f"wrote {out}/stimuli/ ({get('positives'):,} positives and {get('negatives'):,} negatives for "
-          f"{get('concepts_kept'):,} of {get('concepts_read'):,} concepts; dropped ones in {out}/deadletter/retrieve.jsonl)"
+          f"{get('concepts_kept'):,} of {get('concepts_read'):,} concepts, {get('concepts_replacements'):,} of them from "
+          f"the reserve; {get('deadletter_absent'):,} absent from the corpus; dropped ones in "
+          f"{out}/deadletter/retrieve.jsonl, each concept's evidence in {out}/retrieve_evidence.parquet)"
           + (" [UNTRAINED CLIP: random weights]" if untrained else ""))
     return 0 if ok else 1
