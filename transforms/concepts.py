@@ -79,8 +79,9 @@ class ConceptsConfig(StageConfig):
         pos: WordNet parts of speech to read ("n" nouns, "v", "a", "s", "r").
         roots: synsets whose subtrees are included (things: physical_entity.n.01; visible actions
             and events: event.n.01).
-        include_polarity_roots: also include every subtree of the polarity lexicon,
-            so that abstract undesirable concepts (crime, violence) are present.
+        include_polarity_roots: also include every subtree of the polarity lexicon, and let
+            the lexicon's roots themselves (crime, violence) past ``min_concreteness`` and
+            ``min_visual``, so that the abstract concepts a safety dictionary needs are present.
         exclude_roots: synsets whose subtrees are dropped.
         instance_groups: lexicographer groups whose instance synsets (proper nouns) are kept
             (default noun.object: the sun, the moon, the Earth); others (people, places,
@@ -156,8 +157,9 @@ class ConceptSelector:
         self.wn = load_wordnet(cfg.wordnet_dir)
         lexicon = lexicon or load_lexicon(cfg.polarity_overrides)
         self.polarity = polarity_table(self.wn, lexicon)
-        roots = list(cfg.roots) + (lexicon.undesirable_and_desirable_roots() if cfg.include_polarity_roots else [])
-        self.included = self._closure(roots)
+        polarity_roots = lexicon.undesirable_and_desirable_roots() if cfg.include_polarity_roots else []
+        self.included = self._closure(list(cfg.roots) + polarity_roots)
+        self.polarity_roots = {self.wn.synset(root).name() for root in polarity_roots}  # canonical ids
         self.excluded = self._closure(cfg.exclude_roots)
         self.senses = self._read_sense_index()
         self.ratings = Ratings(cfg.lemma_combine)
@@ -216,8 +218,8 @@ class ConceptSelector:
             return None, "min_frequency"
         columns = evidence_columns(self.ratings, [lemma.name() for lemma in lemmas], self.weights)
         raw_c, raw_v = columns["concreteness"], columns["visual"]
-        if columns["picturability"] is None or (raw_c is not None and raw_c < cfg.min_concreteness) or (
-                raw_v is not None and raw_v < cfg.min_visual):
+        below = (raw_c is not None and raw_c < cfg.min_concreteness) or (raw_v is not None and raw_v < cfg.min_visual)
+        if columns["picturability"] is None or (below and name not in self.polarity_roots):
             return None, "picturability"
         path = min(synset.hypernym_paths(), key=lambda p: (len(p), [s.name() for s in p]))
         depth = len(path) - 1
