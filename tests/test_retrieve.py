@@ -221,19 +221,28 @@ def test_softmax_similarity_finds_the_planted_pairs(planted, tmp_path):
         assert {r["key"] for r in positives[planted["ids"][c]]} == set(planted["truth"][c][0])
 
 
+def test_calibration_is_robust_to_the_concepts_own_matches():
+    from transforms.retrieve import calibration
+
+    rng = np.random.default_rng(0)
+    random_pairs = rng.normal(0.0, 0.1, 1000)
+    centre, scale = calibration(np.concatenate([random_pairs, np.full(100, 0.9)]))  # 9% true matches
+    assert abs(centre) < 0.02 and scale == pytest.approx(0.1, rel=0.2)
+
+
 def test_similarity_mapping_and_distance():
     cfg = RetrieveConfig(similarity="cosine01")
     logs = log_similarity(np.array([1.0, 0.0, -1.0]), cfg)
     assert np.exp(logs) == pytest.approx([1.0, 0.5, 1e-6])
     assert daco_distance(np.log(0.5), np.log(0.5)) == pytest.approx(np.sqrt(2 * np.log(2)))
-    # calibrated: Phi of the z against the concept's random pairs (mean 0.1, std 0.05 here)
+    # calibrated: Phi of the z against the concept's random pairs (centre 0.1, scale 0.05 here)
     calibrated = np.exp(log_similarity(np.array([0.1, 0.2]), RetrieveConfig(), calibration=(0.1, 0.05)))
     assert calibrated == pytest.approx([0.5, 0.97725], abs=1e-5)
 
 
 def test_calibration_makes_the_and_real():
     """cosine01 scores a pair whose image does not match (cos 0.05) almost like one matching both
-    halves moderately; calibrated against random pairs (mean 0, std 0.1) it is far behind."""
+    halves moderately; calibrated against random pairs (centre 0, scale 0.1) it is far behind."""
     def dist(cfg, cos_img, cos_txt):
         calib = (0.0, 0.1)
         return float(daco_distance(log_similarity(np.array(cos_img), cfg, calibration=calib),

@@ -5,8 +5,8 @@ embedding per concept. For every concept c and pair x:
 
 * ``s_img = s(c, image of x)`` and ``s_txt = s(c, caption of x)``, each in (0, 1]:
   ``similarity="calibrated"`` (default) is ``Phi(z)``, the standard normal CDF of
-  ``z = (cos - mu_c) / sigma_c``, where ``mu_c``, ``sigma_c`` are the mean and standard
-  deviation of concept c's cosines with the seeded pool of random pairs in that modality
+  ``z = (cos - mu_c) / sigma_c``, where ``mu_c``, ``sigma_c`` are the median and scaled
+  median absolute deviation of concept c's cosines with the seeded pool of random pairs in that modality
   (a pair unrelated to c in one half gets s ~ 0.5 there, so image AND caption must match;
   docs/concepts.md says why); ``similarity="cosine01"`` maps a cosine to ``(1 + cos) / 2``;
   ``similarity="softmax"`` is a softmax over all concepts,
@@ -314,19 +314,22 @@ class EmbedConcepts(beam.PTransform):
 
 
 def calibration(pool_cos: np.ndarray) -> tuple[float, float]:
-    """(mean, standard deviation) of one concept's cosines with the random pool, in one modality."""
-    return float(np.mean(pool_cos)), max(float(np.std(pool_cos)), 1e-12)
+    """(centre, scale) of one concept's cosines with the random pool, in one modality: the median
+    and 1.4826 x the median absolute deviation (the standard deviation for normal data, but robust:
+    the concept's own matches in the pool, many in a small corpus, do not widen it)."""
+    centre = float(np.median(pool_cos))
+    return centre, max(1.4826 * float(np.median(np.abs(pool_cos - centre))), 1e-12)
 
 
 def calibration_z(cos: np.ndarray, calib: tuple[float, float]) -> np.ndarray:
-    """z = (cos - mean) / std against the concept's random pairs (:func:`calibration`)."""
+    """z = (cos - centre) / scale against the concept's random pairs (:func:`calibration`)."""
     return (np.asarray(cos, dtype=np.float64) - calib[0]) / calib[1]
 
 
 def log_similarity(cos: np.ndarray, cfg: RetrieveConfig, log_normaliser: np.ndarray | None = None,
                    calibration: tuple[float, float] | None = None) -> np.ndarray:
     """ln s for cosines ``cos`` (float64). calibrated: ln Phi(z) (``calibration``: the concept's
-    pool mean and std); cosine01: ln clip((1 + cos) / 2); softmax: cos / T - ``log_normaliser``
+    pool centre and scale, :func:`calibration`); cosine01: ln clip((1 + cos) / 2); softmax: cos / T - ``log_normaliser``
     (logsumexp over all concepts of cos / T, per pair)."""
     cos = np.asarray(cos, dtype=np.float64)
     if cfg.similarity == "calibrated":
