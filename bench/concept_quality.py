@@ -5,7 +5,7 @@ Figures, each for both trees: how many of the listed everyday picturable synsets
 listed unpicturable ones are in the list, which sense wins hammer / cake / castle / fire,
 how many labels of the polarity audit list (tests/test_polarity.py) are right, and a seeded
 random sample of 40 kept concepts (id, definition) to judge by hand. Writes
-bench/results/concept_quality.json; prints the everyday-coverage ratio last.
+bench/results/concept_quality.json; prints the everyday coverage of both trees last.
 
     python bench/concept_quality.py [--baseline /work/main] [--max-concepts 15000]
 """
@@ -86,7 +86,8 @@ def main() -> None:
         print(f"  {concept_id:32} {definition[:80]}")
     write_result("concept_quality", {"max_concepts": args.max_concepts, "baseline": args.baseline, **results})
     new, old = (len(results[k]["everyday_present"]) for k in ("this", "baseline"))
-    print(f"everyday picturable synsets present, this/baseline: {new}/{max(old, 1)} = {new / max(old, 1):.2f}x")
+    print(f"everyday picturable synsets present: this tree {new}/{len(EVERYDAY)} = {new / len(EVERYDAY):.2f}, "
+          f"baseline {old}/{len(EVERYDAY)} = {old / len(EVERYDAY):.2f}")
 
 
 if __name__ == "__main__":

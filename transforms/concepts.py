@@ -200,6 +200,13 @@ class ConceptSelector:
                         reverse=True)
         return sum(scores[: self.cfg.sense_top])
 
+    def contested(self, lemmas) -> bool:
+        """Whether some lemma has another sense in the parts of speech read (else the sense vote
+        has one candidate and its evidence is not needed)."""
+        index = self.wn._lemma_pos_offset_map  # NLTK's {lemma: {pos: [offsets]}}, lower-cased
+        pos = set(self.cfg.pos) | ({"s"} if "a" in self.cfg.pos else set())
+        return any(sum(len(index.get(lemma.name().lower(), {}).get(p, ())) for p in pos) > 1 for lemma in lemmas)
+
     def evaluate(self, name: str) -> tuple[dict | None, str | None]:
         """(candidate row, None) for a synset passing every filter, else (None, filter name)."""
         cfg = self.cfg
@@ -240,7 +247,7 @@ class ConceptSelector:
             # For the one-sense-per-lemma vote: (sense number, tag count) per lemma, the sense's
             # evidence, and whether it is an instance (proper noun).
             "_senses": senses,
-            "_sense_evidence": self.sense_evidence(synset),
+            "_sense_evidence": self.sense_evidence(synset) if self.contested(lemmas) else 0.0,
             "_instance": instance,
         }, None
 
