@@ -149,6 +149,12 @@ def test_user_overrides_relabel_concepts_and_subtrees(tmp_path):
 def test_config_errors_name_the_option(tmp_path):
     with pytest.raises(SystemExit, match="unknown option.*max_concept"):
         main(["concepts", "--out", str(tmp_path), "--config", _config(tmp_path, max_concept=3)])
+    with pytest.raises(ValueError, match="weights must give each of concreteness, visual, frequency"):
+        ConceptsConfig.from_dict({"weights": {"concreteness": 1.0}})
+    with pytest.raises(ValueError, match="lemma_combine must be one of"):
+        ConceptsConfig.from_dict({"lemma_combine": "median"})
+    with pytest.raises(ValueError, match="instance_groups.*noun.objects"):
+        ConceptsConfig.from_dict({"instance_groups": ["noun.objects"]})
     with pytest.raises(ValueError, match="not a WordNet synset"):
         select_concepts_direct(ConceptsConfig.from_dict({"roots": ["no_such_thing.n.01"]}))
     bad = tmp_path / "bad.yaml"

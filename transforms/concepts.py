@@ -9,7 +9,7 @@ Steps, each counted:
    frequency (``dropped_min_frequency``), picturability: rated by the human norms and at
    least ``min_concreteness`` / ``min_visual`` (``dropped_picturability``);
 3. one concept per surface lemma: every lemma goes to the sense with the most evidence
-   (:func:`sense_evidence`; WordNet tag count, then sense number break ties); a synset
+   (:meth:`ConceptSelector.sense_evidence`; WordNet tag count, then sense number break ties); a synset
    that wins no lemma is dropped (``dropped_lemma_dedup``), one that wins several is
    labelled with its best one;
 4. rank by picturability x frequency from published ratings (transforms/picturability.py;
@@ -41,7 +41,7 @@ from transforms.counters import Reconciliation
 from transforms.picturability import COMBINES, ZIPF_CAP, Ratings
 from transforms.progress import ProgressLog
 from transforms.polarity import Lexicon, load_lexicon, polarity_table
-from transforms.wordnet import load_wordnet
+from transforms.wordnet import LEXNAMES, load_wordnet
 
 NAMESPACE = "concepts"
 FILTERS = ("pos", "root", "instance", "depth", "min_frequency", "picturability", "lemma_dedup", "cut")
@@ -136,6 +136,10 @@ class ConceptsConfig(StageConfig):
                              f"got {self.weights}")
         if self.lemma_combine not in COMBINES:
             raise ValueError(f"{where}.lemma_combine must be one of {COMBINES}, got {self.lemma_combine!r}")
+        bad_groups = sorted(set(self.instance_groups) - set(LEXNAMES))
+        if bad_groups:
+            raise ValueError(f"{where}.instance_groups: {bad_groups} are not WordNet lexicographer groups "
+                             "(noun.object, noun.person, ...)")
         if self.sense_top < 1 or self.sense_depth < 0:
             raise ValueError(f"{where}.sense_top must be >= 1 and sense_depth >= 0, got {self.sense_top}, "
                              f"{self.sense_depth}")

@@ -105,11 +105,6 @@ class Ratings:
         self.concreteness, self.visual = _norms()
         self._words: dict[str, Evidence | None] = {}
 
-    def rated(self, lemma: str) -> bool:
-        """Whether either norm rates the lemma."""
-        key = _key(lemma)
-        return key in self.concreteness or key in self.visual
-
     def word(self, lemma: str) -> Evidence | None:
         """Normalised evidence of one lemma; None when neither norm rates it."""
         key = _key(lemma)
