@@ -105,7 +105,8 @@ def _read_stimuli(path: str):
 
 
 def main_graph(p, *, out: str, shards_pattern: str, emb_dir: str, compute_embeddings: bool,
-               concept_emb_path: str, concept_ids: list[str], cfg: BuildConfig) -> None:
+               concept_emb_path: str, concept_ids: list[str], cfg: BuildConfig,
+               ranks: list[int] | None = None, target: int | None = None) -> None:
     """The main Beam graph: shards -> CLIP embeddings (unless given) -> retrieval -> stimuli
     -> MLLM activations -> directions -> ``OUT/dictionary/``."""
     import apache_beam as beam
@@ -115,7 +116,7 @@ def main_graph(p, *, out: str, shards_pattern: str, emb_dir: str, compute_embedd
     records = p | "ReadShards" >> shards.ReadShards(shards_pattern, out)
     after = records | "ComputeEmbeddings" >> embed.ComputeEmbeddings(out, cfg.clip) if compute_embeddings else None
     stimuli_paths = p | "RetrieveStimuli" >> retrieve.RetrieveStimuli(
-        out, emb_dir, concept_emb_path, concept_ids, cfg.retrieve, after=after)
+        out, emb_dir, concept_emb_path, concept_ids, cfg.retrieve, after=after, ranks=ranks, target=target)
     stimuli = stimuli_paths | "ReadStimuli" >> beam.FlatMap(_read_stimuli)
     vectors = {"records": records, "stimuli": stimuli} | "Activations" >> activations.ComputeActivations(out, cfg.mllm)
     vectors | "Directions" >> directions.ComputeDirections(out) | "WriteDictionary" >> WriteDictionary(out)
@@ -154,7 +155,7 @@ def run_build(cfg: BuildConfig, out: str, shards_pattern: str | None, embeddings
 
     _step("phase 3/4: concept text embeddings")
     table = fileio.read_parquet(concepts_path)
-    concept_ids = table.column("concept_id").to_pylist()
+    concept_ids, ranks, target = retrieve.concept_pool(table)
     concept_emb = embed.embed_concepts(table, clip)
     emb_path = fileio.join(out, "concept_embeddings.npy")
     fileio.write_npy_atomic(emb_path, concept_emb)
@@ -164,7 +165,7 @@ def run_build(cfg: BuildConfig, out: str, shards_pattern: str | None, embeddings
 
     graph = functools.partial(main_graph, out=out, shards_pattern=shards_pattern, emb_dir=emb_dir,
                               compute_embeddings=not embeddings_dir, concept_emb_path=emb_path,
-                              concept_ids=concept_ids, cfg=cfg)
+                              concept_ids=concept_ids, ranks=ranks, target=target, cfg=cfg)
     for key, value in run_pipeline(graph, beam_args).items():
         counters[key] = counters.get(key, 0) + value
 

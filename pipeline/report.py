@@ -139,6 +139,10 @@ def _read_folder(out_dir: Path) -> _Folder:
     except json.JSONDecodeError as exc:
         raise ReportError(f"{meta_path}: not valid JSON ({exc}); re-run `daco build`") from None
     concepts = {r["concept_id"]: r for r in pq.read_table(concepts_path).to_pylist()}
+    evidence_path = out_dir / "retrieve_evidence.parquet"  # each concept's retrieval evidence (docs/concepts.md)
+    if evidence_path.is_file():
+        for row in pq.read_table(evidence_path).to_pylist():
+            concepts.setdefault(row["concept_id"], {"concept_id": row["concept_id"]})["evidence"] = row
     layer_files = {}
     for path in sorted((out_dir / "dictionary").glob("*.parquet")):
         for layer in set(pq.read_table(path, columns=["layer"]).column("layer").to_pylist()):
@@ -479,6 +483,16 @@ def _stimulus_figure(row: dict, thumbs: dict) -> str:
             f'score {row["score"]:.3f} · img {row["s_img"]:.2f} · txt {row["s_txt"]:.2f}</figcaption></figure>')
 
 
+def _evidence_line(ev: dict | None) -> str:
+    """One line on a concept's retrieval evidence (``retrieve_evidence.parquet``), or nothing."""
+    if not ev:
+        return ""
+    z = lambda v: "n/a" if v is None or not np.isfinite(v) else f"{v:.1f}"  # noqa: E731
+    return (f"<div class=evidence>retrieval: <b>{_e(ev['status'])}</b>; rank {ev['rank']}"
+            f"{' (reserve)' if ev['reserve'] else ''}; {ev['n_evidence']} pair(s) match in image and caption; "
+            f"best z image {z(ev['best_z_img'])}, caption {z(ev['best_z_txt'])}</div>")
+
+
 def _gallery_page(group: str, page: int, n_pages: int, ids: Sequence[str], concepts: dict,
                   stimuli: dict, thumbs: dict) -> str:
     links = ['<a href="../index.html">index</a>']
@@ -493,7 +507,7 @@ def _gallery_page(group: str, page: int, n_pages: int, ids: Sequence[str], conce
         bad = c.get("polarity") == "undesirable"
         parts.append(f'<section class="concept" id="{_e(cid)}"><h3{" class=undesirable" if bad else ""}>'
                      f"{_e(cid)} <small>({_e(c.get('polarity', '?'))})</small></h3>"
-                     f"<div>{_e(c.get('definition', ''))}</div>")
+                     f"<div>{_e(c.get('definition', ''))}</div>{_evidence_line(c.get('evidence'))}")
         for role in ("positive", "negative"):
             rows = stimuli.get((cid, role), [])
             figures = "".join(_stimulus_figure(r, thumbs) for r in rows) or "<i>none</i>"
@@ -501,6 +515,16 @@ def _gallery_page(group: str, page: int, n_pages: int, ids: Sequence[str], conce
         parts.append("</section>")
     parts.append("</main>")
     return _page(f"DACO-400K report: {group} ({page + 1}/{n_pages})", "".join(parts))
+
+
+def _evidence_summary(concepts: dict) -> str:
+    """Counts of the retrieval statuses (kept, absent, reserve_unused, ...), when the folder has them."""
+    statuses = Counter(c["evidence"]["status"] for c in concepts.values() if c.get("evidence"))
+    if not statuses:
+        return ""
+    return ("<h3>Retrieval evidence</h3>" + _table(("status", "concepts"), sorted(statuses.items()), numeric=(1,))
+            + "<p>Each concept's evidence is on its gallery page (absent: no pair matches it in image AND "
+            "caption; reserve concepts replace absent ones).</p>")
 
 
 def _index_page(folder: _Folder, layer: int, ratio: np.ndarray, n_map: int, svg: str | None,
@@ -537,6 +561,7 @@ Other layers: <code>daco report OUT --layer L</code>.</p>
 <p>Layers: {_e(", ".join(map(str, meta.get("layers", []))))}; pooling {_e(meta.get("pooling", "?"))};
 dimension {_e(meta.get("dimension", "?"))}.</p>
 <h3>Dead letters</h3>{dead}
+{_evidence_summary(folder.concepts)}
 <h3>Counters by stage</h3>{_counter_tables(meta.get("counters") or {})}
 <h2 id="layers">Layer statistics</h2>
 <img src="figures/layer_stats.png" alt="layer statistics" width="900" height="360">

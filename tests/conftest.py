@@ -120,7 +120,7 @@ TINY_BUILD = {
                  "prioritise_undesirable": False},
     "corpus": {"n": 72, "seed": 0},
     "clip": {"model_name": "daco-tiny-clip", "pretrained": None, "allow_untrained": True},
-    "retrieve": {"k": 3, "n_negatives": 3, "min_positives": 2},
+    "retrieve": {"k": 3, "n_negatives": 3, "min_positives": 2, "min_evidence": None},
     "mllm": {"family": "qwen2_vl", "untrained_size": {"num_hidden_layers": 3}, "layers": [1, 2], "batch_size": 8},
 }
 

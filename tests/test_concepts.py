@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from pipeline.cli import main
-from transforms.concepts import ConceptsConfig, SCHEMA, select_concepts_direct
+from transforms.concepts import ConceptsConfig, SCHEMA, select_concepts_direct, to_table
 
 SMALL = {"roots": ["animal.n.01", "weapon.n.01"], "include_polarity_roots": False, "max_concepts": 300}
 
@@ -16,10 +16,16 @@ def _run_cli(out, *extra):
 
 
 @pytest.fixture(scope="module")
-def full(tmp_path_factory):
-    """The default 15,000-concept run."""
+def full_with_reserve(tmp_path_factory):
+    """The default 15,000-concept run, its reserve included."""
     out = tmp_path_factory.mktemp("concepts-full")
     return _run_cli(out).to_pylist()
+
+
+@pytest.fixture(scope="module")
+def full(full_with_reserve):
+    """The 15,000 kept concepts of the default run."""
+    return [r for r in full_with_reserve if not r["reserve"]]
 
 
 def _config(tmp_path, **options):
@@ -28,9 +34,43 @@ def _config(tmp_path, **options):
     return str(path)
 
 
-def test_default_run_keeps_15000_concepts_with_design_columns(full):
+def test_default_run_keeps_15000_concepts_with_design_columns(full, full_with_reserve):
     assert len(full) == 15000
     assert list(full[0]) == SCHEMA.names
+    assert sorted(r["rank"] for r in full) == list(range(15000))
+    reserve = [r for r in full_with_reserve if r["reserve"]]
+    assert 0 < len(reserve) <= 1500 and min(r["rank"] for r in reserve) == 15000
+
+
+# Everyday picturable synsets the issue names, and unpicturable kinds it found in the old list.
+EVERYDAY = ["giraffe.n.01", "butterfly.n.01", "hamburger.n.01", "motorcycle.n.01", "scissors.n.01",
+            "fire_engine.n.01", "fire_extinguisher.n.01", "life_jacket.n.01", "fire.n.01", "explosion.n.01",
+            "sport.n.01", "sun.n.01", "moon.n.01", "dog.n.01", "car.n.01", "apple.n.01"]
+UNPICTURABLE = ["enzyme.n.01", "amino_acid.n.01", "avower.n.01", "newcomer.n.01", "asserter.n.01",
+                "mitochondrion.n.01", "ribosome.n.01"]
+
+
+def test_everyday_things_actions_and_instances_are_in_unpicturable_ones_are_not(full):
+    ids = {r["concept_id"] for r in full}
+    assert [c for c in EVERYDAY if c not in ids] == []
+    assert [c for c in UNPICTURABLE if c in ids] == []
+
+
+def test_rank_follows_the_picturability_score_and_ratings_are_columns(full):
+    by_id = {r["concept_id"]: r for r in full}
+    giraffe = by_id["giraffe.n.01"]
+    assert giraffe["concreteness"] == pytest.approx(4.73, abs=0.01) and giraffe["visual"] == pytest.approx(4.22, abs=0.01)
+    neutral = sorted((r for r in full if r["polarity"] != "undesirable"), key=lambda r: r["rank"])
+    scores = [r["picturability"] for r in neutral]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_instances_keep_their_proper_name_and_do_not_take_the_common_noun(full):
+    by_lemma = {r["lemma"]: r["concept_id"] for r in full}
+    assert by_lemma["Sun"] == "sun.n.01" and by_lemma["Moon"] == "moon.n.01"
+    assert by_lemma.get("sun") != "sun.n.01"
+    ids = {r["concept_id"] for r in full}
+    assert not ids & {"paris.n.01", "einstein.n.01"}  # people and places: not in instance_groups
 
 
 def test_known_concepts_have_their_lexicographer_group(full):
@@ -66,16 +106,19 @@ def test_one_concept_per_lemma(full):
     assert len(ids) == len(set(ids))
 
 
-def test_most_frequent_sense_wins_the_lemma(full):
+def test_the_sense_with_the_most_rated_evidence_wins_the_lemma(full):
     by_lemma = {r["lemma"]: r["concept_id"] for r in full}
     assert by_lemma["dog"] == "dog.n.01"          # not the 'frump' or 'cad' senses
-    assert by_lemma["bank"] == "bank.n.01"        # the sloping land: 25 tags vs the building's 0
+    assert by_lemma["hammer"] == "hammer.n.02"    # the hand tool, not the gunlock part (equal tag counts)
+    assert by_lemma["cake"] == "cake.n.03"        # baked goods, not a block of soap (2 tags vs 0)
+    assert by_lemma["fire"] == "fire.n.01"        # something burning, not firing weapons
+    assert by_lemma.get("castle") != "castle.n.03"  # never the chess piece
 
 
 def test_exactly_n_rows_and_byte_identical_reruns(tmp_path):
     config = _config(tmp_path, **SMALL)
     first = _run_cli(tmp_path / "a", "--config", config, "--max-concepts", "123")
-    assert first.num_rows == 123
+    assert first.num_rows == 123 + 13 and sum(not r for r in first.column("reserve").to_pylist()) == 123
     _run_cli(tmp_path / "b", "--config", config, "--max-concepts", "123")
     assert (tmp_path / "a" / "concepts.parquet").read_bytes() == (tmp_path / "b" / "concepts.parquet").read_bytes()
 
@@ -84,8 +127,9 @@ def test_beam_pipeline_matches_the_direct_reference(tmp_path):
     config = _config(tmp_path, **SMALL)
     beam_rows = _run_cli(tmp_path / "out", "--config", config).to_pylist()
     direct_rows, counts = select_concepts_direct(ConceptsConfig.from_dict(SMALL))
-    assert sorted(beam_rows, key=lambda r: r["concept_id"]) == sorted(direct_rows, key=lambda r: r["concept_id"])
-    assert counts["kept"] == 300 and counts["read"] == sum(v for k, v in counts.items() if k != "read")
+    assert beam_rows == to_table(direct_rows).to_pylist()  # both sorted by id, floats as stored (float32)
+    assert counts["kept"] == 300 and counts["reserve"] == 30
+    assert counts["read"] == sum(v for k, v in counts.items() if k != "read")
 
 
 def test_user_overrides_relabel_concepts_and_subtrees(tmp_path):
@@ -105,6 +149,12 @@ def test_user_overrides_relabel_concepts_and_subtrees(tmp_path):
 def test_config_errors_name_the_option(tmp_path):
     with pytest.raises(SystemExit, match="unknown option.*max_concept"):
         main(["concepts", "--out", str(tmp_path), "--config", _config(tmp_path, max_concept=3)])
+    with pytest.raises(ValueError, match="weights must give each of concreteness, visual, frequency"):
+        ConceptsConfig.from_dict({"weights": {"concreteness": 1.0}})
+    with pytest.raises(ValueError, match="lemma_combine must be one of"):
+        ConceptsConfig.from_dict({"lemma_combine": "median"})
+    with pytest.raises(ValueError, match="instance_groups.*noun.objects"):
+        ConceptsConfig.from_dict({"instance_groups": ["noun.objects"]})
     with pytest.raises(ValueError, match="not a WordNet synset"):
         select_concepts_direct(ConceptsConfig.from_dict({"roots": ["no_such_thing.n.01"]}))
     bad = tmp_path / "bad.yaml"

@@ -13,7 +13,8 @@ from transforms.retrieve import RetrieveConfig
 CFG = BuildConfig(
     concepts=ConceptsConfig(), corpus=CorpusConfig(),
     clip=embed.ClipConfig(model_name="daco-tiny-clip", pretrained=None, allow_untrained=True, batch_size=16),
-    retrieve=RetrieveConfig.from_dict({"k": 3, "n_negatives": 3, "min_positives": 2}),
+    # min_evidence off: the random-weight CLIP finds no concept in the corpus (docs/concepts.md)
+    retrieve=RetrieveConfig.from_dict({"k": 3, "n_negatives": 3, "min_positives": 2, "min_evidence": None}),
     mllm=MLLMConfig.from_dict({"family": "qwen2_vl", "untrained_size": {"num_hidden_layers": 3}, "layers": [1, 2],
                                "batch_size": 8}),
 )

@@ -4,15 +4,20 @@ Steps, each counted:
 
 1. list every synset of WordNet 3.0 (``read``);
 2. filter: part of speech (``dropped_pos``), inside an included root subtree and
-   outside every excluded one (``dropped_root``), not an instance/proper noun
-   (``dropped_instance``), depth range (``dropped_depth``), tag-count frequency
-   (``dropped_min_frequency``);
-3. one concept per surface lemma: every lemma goes to its most frequent sense
-   (WordNet tag count, then WordNet's sense number); a synset that wins no lemma is
-   dropped (``dropped_lemma_dedup``), one that wins several is labelled with its
-   most frequent one;
-4. rank by frequency (undesirable concepts first when ``prioritise_undesirable``;
-   see :func:`rank_key` for ties) and cut at ``max_concepts`` (``dropped_cut``); ``kept`` is what is written.
+   outside every excluded one (``dropped_root``), instances (proper nouns) outside
+   ``instance_groups`` (``dropped_instance``), depth range (``dropped_depth``), tag-count
+   frequency (``dropped_min_frequency``), picturability: rated by the human norms and at
+   least ``min_concreteness`` / ``min_visual`` (``dropped_picturability``);
+3. one concept per surface lemma: every lemma goes to the sense with the most evidence
+   (:meth:`ConceptSelector.sense_evidence`; WordNet tag count, then sense number break ties); a synset
+   that wins no lemma is dropped (``dropped_lemma_dedup``), one that wins several is
+   labelled with its best one;
+4. rank by picturability x frequency from published ratings (transforms/picturability.py;
+   undesirable concepts first when ``prioritise_undesirable``; see :func:`rank_key`) and
+   cut at ``max_concepts`` plus a ``reserve`` of the next-ranked candidates
+   (``dropped_cut``); ``kept`` + ``reserve`` rows are written (the reserve flagged).
+
+docs/concepts.md explains the ranking, the sense choice and the instance policy.
 
 The functions below are plain Python; :class:`SelectConcepts` wires them into a
 Beam graph and :func:`select_concepts_direct` runs them in one process (the
@@ -22,6 +27,7 @@ benchmark's baseline and a reference for the tests).
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -32,12 +38,14 @@ from apache_beam.metrics import Metrics
 from transforms import fileio
 from transforms.config import StageConfig
 from transforms.counters import Reconciliation
+from transforms.picturability import COMBINES, ZIPF_CAP, Ratings
 from transforms.progress import ProgressLog
 from transforms.polarity import Lexicon, load_lexicon, polarity_table
-from transforms.wordnet import load_wordnet
+from transforms.wordnet import LEXNAMES, load_wordnet
 
 NAMESPACE = "concepts"
-FILTERS = ("pos", "root", "instance", "depth", "min_frequency", "lemma_dedup", "cut")
+FILTERS = ("pos", "root", "instance", "depth", "min_frequency", "picturability", "lemma_dedup", "cut")
+WEIGHT_NAMES = ("concreteness", "visual", "frequency")
 
 SCHEMA = pa.schema([
     ("concept_id", pa.string()),
@@ -50,24 +58,45 @@ SCHEMA = pa.schema([
     ("frequency", pa.int64()),
     ("polarity", pa.string()),
     ("polarity_source", pa.string()),
+    ("concreteness", pa.float32()),
+    ("visual", pa.float32()),
+    ("zipf", pa.float32()),
+    ("picturability", pa.float32()),
+    ("rank", pa.int32()),
+    ("reserve", pa.bool_()),
 ])
 
 
 @dataclass
 class ConceptsConfig(StageConfig):
-    """Options of the concept stage (the ``concepts:`` section of a config file).
+    """Options of the concept stage (the ``concepts:`` section of a config file; docs/concepts.md).
 
     Attributes:
         max_concepts: how many concepts to keep (the paper: ~15,000).
+        reserve: how many next-ranked candidates to write after them (``reserve`` = true), for
+            retrieval to draw on when a kept concept has no evidence in the corpus (None: 10%
+            of ``max_concepts``; 0: none).
         pos: WordNet parts of speech to read ("n" nouns, "v", "a", "s", "r").
-        roots: synsets whose subtrees are included (picturable: physical_entity.n.01).
-        include_polarity_roots: also include every subtree of the polarity lexicon,
-            so that abstract undesirable concepts (crime, violence) are present.
+        roots: synsets whose subtrees are included (things: physical_entity.n.01; visible actions
+            and events: event.n.01).
+        include_polarity_roots: also include every subtree of the polarity lexicon, and let
+            the lexicon's roots themselves (crime, violence) past ``min_concreteness`` and
+            ``min_visual``, so that the abstract concepts a safety dictionary needs are present.
         exclude_roots: synsets whose subtrees are dropped.
-        exclude_instances: drop instance synsets (proper nouns: cities, people).
+        instance_groups: lexicographer groups whose instance synsets (proper nouns) are kept
+            (default noun.object: the sun, the moon, the Earth); others (people, places,
+            organisations) are dropped.
         min_frequency: minimum summed WordNet tag count of a synset's lemmas.
         min_depth: minimum hypernym depth (drops 'object', 'whole', ...).
         max_depth: maximum hypernym depth (None: no limit).
+        weights: exponents of the ranking score c^w * v^w * f^w (concreteness, visual, frequency).
+        lemma_combine: how a synset's lemmas' ratings combine, "mean" or "max".
+        min_concreteness: minimum concreteness (Brysbaert 1-5 scale) of a kept synset.
+        min_visual: minimum visual strength (Lancaster 0-5 scale) of a kept synset.
+        sense_top: a lemma's sense is chosen by the sum of the best ``sense_top`` word scores
+            among the words naming the sense or its kinds down to ``sense_depth`` hyponym levels
+            (:meth:`ConceptSelector.sense_evidence`).
+        sense_depth: see ``sense_top``.
         prioritise_undesirable: rank undesirable concepts ahead of the rest, so the cut
             never removes them.
         polarity_overrides: path of a YAML file relabelling concepts or subtrees.
@@ -75,14 +104,21 @@ class ConceptsConfig(StageConfig):
     """
 
     max_concepts: int = 15000
+    reserve: int | None = None
     pos: list[str] = field(default_factory=lambda: ["n"])
-    roots: list[str] = field(default_factory=lambda: ["physical_entity.n.01"])
+    roots: list[str] = field(default_factory=lambda: ["physical_entity.n.01", "event.n.01"])
     include_polarity_roots: bool = True
     exclude_roots: list[str] = field(default_factory=list)
-    exclude_instances: bool = True
+    instance_groups: list[str] = field(default_factory=lambda: ["noun.object"])
     min_frequency: int = 0
     min_depth: int = 3
     max_depth: int | None = None
+    weights: dict[str, float] = field(default_factory=lambda: {"concreteness": 1.0, "visual": 1.0, "frequency": 1.0})
+    lemma_combine: str = "mean"
+    min_concreteness: float = 3.0
+    min_visual: float = 3.0
+    sense_top: int = 8
+    sense_depth: int = 2
     prioritise_undesirable: bool = True
     polarity_overrides: str | None = None
     wordnet_dir: str | None = None
@@ -90,23 +126,48 @@ class ConceptsConfig(StageConfig):
     def validate(self, where: str) -> None:
         if self.max_concepts < 1:
             raise ValueError(f"{where}.max_concepts must be >= 1, got {self.max_concepts}")
+        if self.reserve is not None and self.reserve < 0:
+            raise ValueError(f"{where}.reserve must be >= 0 or null, got {self.reserve}")
         bad_pos = sorted(set(self.pos) - {"n", "v", "a", "s", "r"})
         if bad_pos:
             raise ValueError(f"{where}.pos: {bad_pos} are not WordNet parts of speech (n, v, a, s, r)")
+        if set(self.weights) != set(WEIGHT_NAMES) or any(w < 0 for w in self.weights.values()):
+            raise ValueError(f"{where}.weights must give each of {', '.join(WEIGHT_NAMES)} a weight >= 0, "
+                             f"got {self.weights}")
+        if self.lemma_combine not in COMBINES:
+            raise ValueError(f"{where}.lemma_combine must be one of {COMBINES}, got {self.lemma_combine!r}")
+        bad_groups = sorted(set(self.instance_groups) - set(LEXNAMES))
+        if bad_groups:
+            raise ValueError(f"{where}.instance_groups: {bad_groups} are not WordNet lexicographer groups "
+                             "(noun.object, noun.person, ...)")
+        if self.sense_top < 1 or self.sense_depth < 0:
+            raise ValueError(f"{where}.sense_top must be >= 1 and sense_depth >= 0, got {self.sense_top}, "
+                             f"{self.sense_depth}")
+
+    def weight_tuple(self) -> tuple[float, float, float]:
+        """(w_c, w_v, w_f) for :meth:`transforms.picturability.Evidence.score`."""
+        return tuple(float(self.weights[name]) for name in WEIGHT_NAMES)
+
+    def n_reserve(self) -> int:
+        """Reserve rows written after the kept ones (``reserve``, or 10% of ``max_concepts``)."""
+        return self.reserve if self.reserve is not None else math.ceil(0.1 * self.max_concepts)
 
 
 class ConceptSelector:
-    """Per-synset filtering and labelling; built once per worker (it loads WordNet)."""
+    """Per-synset filtering, evidence and labelling; built once per worker (it loads WordNet and the norms)."""
 
     def __init__(self, cfg: ConceptsConfig, lexicon: Lexicon | None = None):
         self.cfg = cfg
         self.wn = load_wordnet(cfg.wordnet_dir)
         lexicon = lexicon or load_lexicon(cfg.polarity_overrides)
         self.polarity = polarity_table(self.wn, lexicon)
-        roots = list(cfg.roots) + (lexicon.undesirable_and_desirable_roots() if cfg.include_polarity_roots else [])
-        self.included = self._closure(roots)
+        polarity_roots = lexicon.undesirable_and_desirable_roots() if cfg.include_polarity_roots else []
+        self.included = self._closure(list(cfg.roots) + polarity_roots)
+        self.polarity_roots = {self.wn.synset(root).name() for root in polarity_roots}  # canonical ids
         self.excluded = self._closure(cfg.exclude_roots)
         self.senses = self._read_sense_index()
+        self.ratings = Ratings(cfg.lemma_combine)
+        self.weights = cfg.weight_tuple()
 
     def _closure(self, roots: Iterable[str]) -> set[str]:
         seen: set[str] = set()
@@ -131,6 +192,25 @@ class ConceptSelector:
                 senses[key] = (int(number), int(count))
         return senses
 
+    def sense_evidence(self, synset) -> float:
+        """How picturable and common this sense is: the sum of the ``sense_top`` best word scores
+        among its lemmas and those of its hyponyms down to ``sense_depth`` levels (the words
+        naming it or its kinds; word ratings alone cannot tell a word's senses apart)."""
+        words, level = [lemma.name() for lemma in synset.lemmas()], [synset]
+        for _ in range(self.cfg.sense_depth):
+            level = [h for s in level for h in s.hyponyms()]
+            words += [lemma.name() for s in level for lemma in s.lemmas()]
+        scores = sorted((x for w in words if (x := self.ratings.word_score(w, self.weights)) is not None),
+                        reverse=True)
+        return sum(scores[: self.cfg.sense_top])
+
+    def contested(self, lemmas) -> bool:
+        """Whether some lemma has another sense in the parts of speech read (else the sense vote
+        has one candidate and its evidence is not needed)."""
+        index = self.wn._lemma_pos_offset_map  # NLTK's {lemma: {pos: [offsets]}}, lower-cased
+        pos = set(self.cfg.pos) | ({"s"} if "a" in self.cfg.pos else set())
+        return any(sum(len(index.get(lemma.name().lower(), {}).get(p, ())) for p in pos) > 1 for lemma in lemmas)
+
     def evaluate(self, name: str) -> tuple[dict | None, str | None]:
         """(candidate row, None) for a synset passing every filter, else (None, filter name)."""
         cfg = self.cfg
@@ -139,17 +219,23 @@ class ConceptSelector:
             return None, "pos"
         if name not in self.included or name in self.excluded:
             return None, "root"
-        if cfg.exclude_instances and synset.instance_hypernyms():
+        instance = bool(synset.instance_hypernyms())
+        if instance and synset.lexname() not in cfg.instance_groups:
             return None, "instance"
-        path = min(synset.hypernym_paths(), key=lambda p: (len(p), [s.name() for s in p]))
-        depth = len(path) - 1
-        if depth < cfg.min_depth or (cfg.max_depth is not None and depth > cfg.max_depth):
-            return None, "depth"
         lemmas = synset.lemmas()
         senses = [self.senses.get(lemma.key(), (99, 0)) for lemma in lemmas]
         frequency = sum(count for _number, count in senses)
         if frequency < cfg.min_frequency:
             return None, "min_frequency"
+        columns = evidence_columns(self.ratings, [lemma.name() for lemma in lemmas], self.weights)
+        raw_c, raw_v = columns["concreteness"], columns["visual"]
+        below = (raw_c is not None and raw_c < cfg.min_concreteness) or (raw_v is not None and raw_v < cfg.min_visual)
+        if columns["picturability"] is None or (below and name not in self.polarity_roots):
+            return None, "picturability"
+        path = min(synset.hypernym_paths(), key=lambda p: (len(p), [s.name() for s in p]))
+        depth = len(path) - 1
+        if depth < cfg.min_depth or (cfg.max_depth is not None and depth > cfg.max_depth):
+            return None, "depth"
         polarity, source = self.polarity.get(name, ("neutral", ""))
         return {
             "concept_id": name,
@@ -161,9 +247,25 @@ class ConceptSelector:
             "frequency": frequency,
             "polarity": polarity,
             "polarity_source": source,
-            # (sense number, tag count) per lemma, for the one-sense-per-lemma vote.
+            **columns,
+            # For the one-sense-per-lemma vote: (sense number, tag count) per lemma, the sense's
+            # evidence, and whether it is an instance (proper noun).
             "_senses": senses,
+            "_sense_evidence": self.sense_evidence(synset) if self.contested(lemmas) else 0.0,
+            "_instance": instance,
         }, None
+
+
+def evidence_columns(ratings: Ratings, lemma_names: list[str], weights: tuple[float, float, float]) -> dict:
+    """The rating columns of a concepts.parquet row: concreteness (1-5) and visual strength
+    (0-5) combined over the lemmas, the largest Zipf frequency, and the ranking score
+    (``picturability``); all None when no lemma is rated."""
+    evidence = ratings.synset(lemma_names)
+    if evidence is None:
+        return {"concreteness": None, "visual": None, "zipf": None, "picturability": None}
+    return {"concreteness": None if evidence.concreteness is None else 1.0 + 4.0 * evidence.concreteness,
+            "visual": None if evidence.visual is None else 5.0 * evidence.visual,
+            "zipf": evidence.frequency * ZIPF_CAP, "picturability": evidence.score(weights)}
 
 
 def all_synset_names(wn) -> list[str]:
@@ -171,17 +273,30 @@ def all_synset_names(wn) -> list[str]:
     return [s.name() for pos in ("n", "v", "a", "r") for s in wn.all_synsets(pos)]
 
 
-def lemma_key(display: str) -> str:
-    """The surface form two concepts may not share: lower-cased, single-spaced."""
-    return " ".join(display.lower().split())
+def lemma_key(display: str, proper: bool = False) -> str:
+    """The surface form two concepts may not share: single-spaced, lower-cased unless ``proper``
+    (a proper name: "Sun" the star is not "sun" the sunlight)."""
+    return " ".join((display if proper else display.lower()).split())
 
 
 def lemma_votes(candidate: dict) -> list[tuple[str, tuple]]:
-    """(lemma, vote) per lemma of a candidate; the smallest vote is the lemma's best sense."""
+    """(lemma, vote) per lemma of a candidate; the smallest vote is the lemma's best sense:
+    most sense evidence, then WordNet tag count, then sense number (see :func:`vote_owner`).
+    An instance with a capitalised lemma (the Sun, the Moon) votes only with its capitalised
+    lemmas, kept in their case, so it never competes with the common noun."""
+    evidence = round(candidate["_sense_evidence"], 9)
+    entries = list(enumerate(zip(candidate["lemmas"], candidate["_senses"])))
+    proper = candidate.get("_instance") and any(d[:1].isupper() for _p, (d, _s) in entries)
     return [
-        (lemma_key(display), (-count, number, candidate["concept_id"], position))
-        for position, (display, (number, count)) in enumerate(zip(candidate["lemmas"], candidate["_senses"]))
+        (lemma_key(display, proper), (-evidence, -count, number, candidate["concept_id"], position))
+        for position, (display, (number, count)) in entries
+        if not proper or display[:1].isupper()
     ]
+
+
+def vote_owner(vote: tuple) -> str:
+    """The concept id a vote of :func:`lemma_votes` is for."""
+    return vote[3]
 
 
 def label_concept(candidate: dict, won: list[tuple[str, tuple]]) -> dict | None:
@@ -194,12 +309,18 @@ def label_concept(candidate: dict, won: list[tuple[str, tuple]]) -> dict | None:
 
 
 def rank_key(row: dict, prioritise_undesirable: bool) -> tuple:
-    """Sort key: undesirable first (if asked), then most frequent, then single words before
-    phrases, then a stable hash of the id (ties among unseen concepts, which are most
-    of WordNet, are then broken without favouring any part of the alphabet)."""
+    """Sort key: undesirable first (if asked), then the picturability score (highest first), then
+    WordNet tag counts, then single words before phrases, then a stable hash of the id."""
     first = 0 if (prioritise_undesirable and row["polarity"] == "undesirable") else 1
     spread = hashlib.blake2b(row["concept_id"].encode(), digest_size=8).hexdigest()
-    return (first, -row["frequency"], len(row["lemma"].split()), spread, row["concept_id"])
+    return (first, -round(row["picturability"], 9), -row["frequency"], len(row["lemma"].split()), spread,
+            row["concept_id"])
+
+
+def ranked(rows: list[dict], cfg: ConceptsConfig) -> list[dict]:
+    """The best ``max_concepts`` + reserve rows in rank order, with ``rank`` and ``reserve`` set."""
+    top = sorted(rows, key=lambda r: rank_key(r, cfg.prioritise_undesirable))[: cfg.max_concepts + cfg.n_reserve()]
+    return [{**row, "rank": i, "reserve": i >= cfg.max_concepts} for i, row in enumerate(top)]
 
 
 def to_table(rows: list[dict]) -> pa.Table:
@@ -209,7 +330,8 @@ def to_table(rows: list[dict]) -> pa.Table:
 
 
 def select_concepts_direct(cfg: ConceptsConfig) -> tuple[list[dict], dict[str, int]]:
-    """The whole stage in one process: (kept rows, counters). Same logic as :class:`SelectConcepts`."""
+    """The whole stage in one process: (kept rows, reserve included, in rank order; counters).
+    Same logic as :class:`SelectConcepts` + :class:`WriteConcepts`."""
     selector = ConceptSelector(cfg)
     counts = {"read": 0, **{f"dropped_{f}": 0 for f in FILTERS}}
     candidates = []
@@ -227,12 +349,13 @@ def select_concepts_direct(cfg: ConceptsConfig) -> tuple[list[dict], dict[str, i
                 best[lemma] = vote
     won: dict[str, list] = {}
     for lemma, vote in best.items():
-        won.setdefault(vote[2], []).append((lemma, vote))
+        won.setdefault(vote_owner(vote), []).append((lemma, vote))
     labelled = [row for c in candidates if (row := label_concept(c, won.get(c["concept_id"], [])))]
     counts["dropped_lemma_dedup"] = len(candidates) - len(labelled)
-    kept = sorted(labelled, key=lambda r: rank_key(r, cfg.prioritise_undesirable))[: cfg.max_concepts]
+    kept = ranked(labelled, cfg)
     counts["dropped_cut"] = len(labelled) - len(kept)
-    counts["kept"] = len(kept)
+    counts["reserve"] = sum(r["reserve"] for r in kept)
+    counts["kept"] = len(kept) - counts["reserve"]
     return kept, counts
 
 
@@ -280,15 +403,18 @@ class _Label(beam.DoFn):
 
 
 class _WriteConcepts(beam.DoFn):
-    def __init__(self, path: str, max_concepts: int):
+    def __init__(self, path: str):
         self.path = path
-        self.max_concepts = max_concepts
         self.kept = Metrics.counter(NAMESPACE, "kept")
+        self.reserve = Metrics.counter(NAMESPACE, "reserve")
         self.cut = Metrics.counter(NAMESPACE, "dropped_cut")
 
-    def process(self, rows, n_ranked):
+    def process(self, rows, n_ranked, cfg):
+        rows = ranked(rows, cfg)
         fileio.write_parquet_atomic(self.path, to_table(rows))
-        self.kept.inc(len(rows))
+        n_reserve = sum(r["reserve"] for r in rows)
+        self.kept.inc(len(rows) - n_reserve)
+        self.reserve.inc(n_reserve)
         self.cut.inc(n_ranked - len(rows))
         yield self.path
 
@@ -313,7 +439,7 @@ class SelectConcepts(beam.PTransform):
             candidates
             | "LemmaVotes" >> beam.FlatMap(lemma_votes)
             | "BestSensePerLemma" >> beam.CombinePerKey(min)
-            | "ByWinner" >> beam.Map(lambda kv: (kv[1][2], kv))
+            | "ByWinner" >> beam.Map(lambda kv: (vote_owner(kv[1]), kv))
         )
         by_id = candidates | "KeyById" >> beam.Map(lambda c: (c["concept_id"], c))
         return (
@@ -335,11 +461,9 @@ class WriteConcepts(beam.PTransform):
         cfg = self.cfg
         n_ranked = rows | "CountRanked" >> beam.combiners.Count.Globally()
         top = rows | "Rank" >> beam.combiners.Top.Of(
-            cfg.max_concepts, key=lambda r: rank_key(r, cfg.prioritise_undesirable), reverse=True
+            cfg.max_concepts + cfg.n_reserve(), key=lambda r: rank_key(r, cfg.prioritise_undesirable), reverse=True
         )
-        return top | "Write" >> beam.ParDo(
-            _WriteConcepts(self.path, cfg.max_concepts), beam.pvalue.AsSingleton(n_ranked)
-        )
+        return top | "Write" >> beam.ParDo(_WriteConcepts(self.path), beam.pvalue.AsSingleton(n_ranked), cfg)
 
 
-RECONCILIATION = Reconciliation(NAMESPACE, "read", tuple(f"dropped_{f}" for f in FILTERS) + ("kept",))
+RECONCILIATION = Reconciliation(NAMESPACE, "read", tuple(f"dropped_{f}" for f in FILTERS) + ("kept", "reserve"))

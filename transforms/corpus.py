@@ -258,7 +258,8 @@ def distractor_captions(concepts: pa.Table) -> list[str]:
 
 def builtin_concepts(wordnet_dir: str | None = None) -> pa.Table:
     """:data:`BUILTIN_CONCEPTS` as a concepts.parquet table (checked against WordNet 3.0)."""
-    from transforms.concepts import SCHEMA, lemma_key
+    from transforms.concepts import SCHEMA, ConceptsConfig, evidence_columns, lemma_key
+    from transforms.picturability import Ratings
     from transforms.polarity import load_lexicon, polarity_table
     from transforms.wordnet import load_wordnet
 
@@ -266,8 +267,9 @@ def builtin_concepts(wordnet_dir: str | None = None) -> pa.Table:
 
     wn = load_wordnet(wordnet_dir)
     polarity = polarity_table(wn, load_lexicon(None))
-    rows = []
-    for concept_id in BUILTIN_CONCEPTS:
+    defaults, rows = ConceptsConfig(), []
+    ratings = Ratings(defaults.lemma_combine)
+    for rank, concept_id in enumerate(BUILTIN_CONCEPTS):
         try:
             synset = wn.synset(concept_id)
         except (WordNetError, ValueError) as exc:
@@ -287,6 +289,9 @@ def builtin_concepts(wordnet_dir: str | None = None) -> pa.Table:
             "frequency": sum(lemma.count() for lemma in synset.lemmas()),
             "polarity": pol,
             "polarity_source": source,
+            **evidence_columns(ratings, [lemma.name() for lemma in synset.lemmas()], defaults.weight_tuple()),
+            "rank": rank,
+            "reserve": False,
         })
     return pa.Table.from_pylist(rows, schema=SCHEMA)
 

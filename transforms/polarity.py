@@ -8,18 +8,24 @@ overrides it with a YAML file of the form::
     subtrees:            # whole subtrees, ahead of the curated lexicon
       knife.n.01: undesirable
 
-Rules (METHODS.md §1.5): a concept under a root takes the root's polarity and
-``polarity_source`` = the root's id. Single-concept overrides beat user subtrees,
-which beat the curated lexicon. Within one source, the nearest root wins, and
-at equal distance undesirable beats desirable. The lexicon's ``neutral``
-roots are carve-outs (alcohol under drug_of_abuse): nearer than the root they
-sit under, they make their subtree neutral again. Concepts under no root are
+Rules (METHODS.md §1.5; review rules in docs/concepts.md): a concept under a root
+takes the root's polarity and ``polarity_source`` = the root's id. Single-concept
+overrides beat user subtrees, which beat the curated lexicon. Within one source, the
+nearest root wins, and at equal distance undesirable beats desirable. The lexicon's
+``neutral`` roots are carve-outs (alcohol under drug_of_abuse): nearer than the root
+they sit under, they make their subtree neutral again. Its ``exact`` entries label
+one concept without passing the label down (the head of a subtree that mixes kinds,
+medicine.n.02). Its ``protected`` subtrees (sexual orientations, identity groups,
+ordinary biology) are never undesirable from the curated lexicon unless an undesirable
+root sits strictly nearer: such a concept is neutral with ``polarity_source`` =
+``protected:<root>``. Concepts under no root are
 neutral with an empty source.
 """
 
 from __future__ import annotations
 
 from collections import deque
+import dataclasses
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -32,11 +38,14 @@ _TIE_ORDER = {"undesirable": 0, "desirable": 1, "neutral": 2}
 
 @dataclass(frozen=True)
 class Lexicon:
-    """Polarity roots: curated ``roots`` and user ``subtrees``/``concepts`` overrides."""
+    """Polarity roots: curated ``roots``, ``exact`` labels and ``protected`` roots, and user
+    ``subtrees``/``concepts`` overrides."""
 
     roots: dict[str, str]  # synset id -> polarity
     subtrees: dict[str, str]
     concepts: dict[str, str]
+    exact: dict[str, str] = dataclasses.field(default_factory=dict)
+    protected: tuple[str, ...] = ()
 
     def all_roots(self) -> list[str]:
         """Every subtree root named by the lexicon or the overrides (sorted)."""
@@ -54,16 +63,22 @@ def _check_polarity(value: str, where: str) -> str:
     return value
 
 
-def curated_roots() -> dict[str, str]:
-    """The curated lexicon as {root synset id: polarity}."""
+def curated_lexicon() -> tuple[dict[str, str], dict[str, str], tuple[str, ...]]:
+    """The curated lexicon: ({root: polarity}, {exact concept: polarity}, protected roots)."""
     text = resources.files(__package__).joinpath("polarity_lexicon.yaml").read_text()
     data = yaml.safe_load(text)
+    unknown = set(data) - {*POLARITIES, "exact", "protected"}
+    if unknown:
+        raise ValueError(f"polarity_lexicon.yaml: unknown section(s) {sorted(unknown)}")
     roots: dict[str, str] = {}
-    for polarity, categories in data.items():
-        for ids in categories.values():
+    for polarity in POLARITIES:
+        for ids in (data.get(polarity) or {}).values():
             for synset_id in ids:
-                roots[synset_id] = _check_polarity(polarity, "polarity_lexicon.yaml")
-    return roots
+                roots[synset_id] = polarity
+    exact = {synset_id: _check_polarity(polarity, "polarity_lexicon.yaml exact")
+             for polarity, ids in (data.get("exact") or {}).items() for synset_id in ids}
+    protected = tuple(synset_id for ids in (data.get("protected") or {}).values() for synset_id in ids)
+    return roots, exact, protected
 
 
 def load_lexicon(overrides_path: str | None = None) -> Lexicon:
@@ -80,7 +95,8 @@ def load_lexicon(overrides_path: str | None = None) -> Lexicon:
             raise ValueError(f"{path}: unknown section(s) {sorted(unknown)}; expected 'concepts' and/or 'subtrees'")
         subtrees = {k: _check_polarity(v, f"{path} subtrees.{k}") for k, v in (data.get("subtrees") or {}).items()}
         concepts = {k: _check_polarity(v, f"{path} concepts.{k}") for k, v in (data.get("concepts") or {}).items()}
-    return Lexicon(roots=curated_roots(), subtrees=subtrees, concepts=concepts)
+    roots, exact, protected = curated_lexicon()
+    return Lexicon(roots=roots, subtrees=subtrees, concepts=concepts, exact=exact, protected=protected)
 
 
 def _descendant_distances(wn, root: str) -> dict[str, int]:
@@ -111,7 +127,8 @@ def check_roots(wn, lexicon: Lexicon) -> None:
     """Fail early, naming the file, when a lexicon or override names a synset WordNet lacks."""
     from nltk.corpus.reader.wordnet import WordNetError
 
-    for where, names in (("polarity_lexicon.yaml", lexicon.roots), ("polarity overrides", {**lexicon.subtrees, **lexicon.concepts})):
+    curated = [*lexicon.roots, *lexicon.exact, *lexicon.protected]
+    for where, names in (("polarity_lexicon.yaml", curated), ("polarity overrides", {**lexicon.subtrees, **lexicon.concepts})):
         for name in names:
             try:
                 wn.synset(name)
@@ -122,7 +139,15 @@ def check_roots(wn, lexicon: Lexicon) -> None:
 def polarity_table(wn, lexicon: Lexicon) -> dict[str, tuple[str, str]]:
     """{synset id: (polarity, polarity_source)} for every synset under some root or override."""
     check_roots(wn, lexicon)
-    table = {name: (key[3], key[2]) for name, key in _nearest(wn, lexicon.roots).items()}
+    nearest = _nearest(wn, lexicon.roots)
+    protected = _nearest(wn, {root: "neutral" for root in lexicon.protected})
+    table = {}
+    for name, (d, _tie, root, polarity) in nearest.items():
+        if polarity == "undesirable" and name in protected and protected[name][0] <= d:
+            table[name] = ("neutral", f"protected:{protected[name][2]}")
+        else:
+            table[name] = (polarity, root)
+    table.update({name: (polarity, name) for name, polarity in lexicon.exact.items()})
     table.update({name: (key[3], key[2]) for name, key in _nearest(wn, lexicon.subtrees).items()})
     table.update({name: (polarity, name) for name, polarity in lexicon.concepts.items()})
     return table

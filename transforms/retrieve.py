@@ -4,9 +4,13 @@ Inputs: an embeddings folder in clip-retrieval's layout (DESIGN.md) and one CLIP
 embedding per concept. For every concept c and pair x:
 
 * ``s_img = s(c, image of x)`` and ``s_txt = s(c, caption of x)``, each in (0, 1]:
-  ``similarity="cosine01"`` (default) maps a cosine to ``(1 + cos) / 2``;
+  ``similarity="calibrated"`` (default) is ``Phi(z)``, the standard normal CDF of
+  ``z = (cos - mu_c) / sigma_c``, where ``mu_c``, ``sigma_c`` are the median and scaled
+  median absolute deviation of concept c's cosines with the seeded pool of random pairs in that modality
+  (a pair unrelated to c in one half gets s ~ 0.5 there, so image AND caption must match;
+  docs/concepts.md says why); ``similarity="cosine01"`` maps a cosine to ``(1 + cos) / 2``;
   ``similarity="softmax"`` is a softmax over all concepts,
-  ``exp(cos(c, x) / T) / sum_c' exp(cos(c', x) / T)`` (``temperature`` T). Both are
+  ``exp(cos(c, x) / T) / sum_c' exp(cos(c', x) / T)`` (``temperature`` T). All are
   clipped below at ``MIN_SIMILARITY`` so the logarithm stays finite.
 * ``score = dist(c, x) = sqrt(-(ln s_img + ln s_txt))``: DACO's distance, **lower is
   better**, 0 when both halves match perfectly. A pair is close only when image AND
@@ -28,12 +32,25 @@ Index: exact (``IndexFlatIP``) up to ``exact_max`` pairs; above it ``ann``: IVF-
 (``hnsw_m``/``ef_search``; its parallel build is not bit-reproducible, so prefer IVF when
 byte-identical reruns matter). On a GPU (``use_gpu``) flat and IVF indexes move to faiss-gpu.
 
-Positives: walking the ranked candidates, a pair is skipped when its key or its image
+Evidence: a candidate is evidence for c when both its halves stand out from c's random
+pairs, ``z_img >= min_evidence`` and ``z_txt >= min_evidence`` (the z of the calibration
+above, computed whatever ``similarity`` is; ``min_evidence`` null: every candidate counts).
+Only evidence can be a positive. A concept with fewer than ``min_positives`` evidence pairs
+is absent from the corpus: dead-lettered (reason ``absent``), no rows.
+
+Positives: walking the ranked evidence pairs, a pair is skipped when its key or its image
 hash (``sha256`` in the metadata, when present) was already taken for this concept (the
 best-scoring occurrence wins, counted ``dedup_key`` / ``dedup_image``), and when its
 score exceeds ``max_score`` (if set). The first ``k`` are the positives, ``rank`` 0..k-1.
 A concept left with fewer than ``min_positives`` is dead-lettered (reason
 ``min_positives``) and writes no rows.
+
+Replacement: given ``ranks`` and a ``target`` (the ``rank`` and ``reserve`` columns of
+concepts.parquet: :func:`concept_pool`), the first ``target`` concepts in rank order that
+were not dropped are kept, so reserve concepts take the places of absent ones; the
+present concepts beyond them are counted ``concepts_reserve_unused`` and write no rows.
+``OUT/retrieve_evidence.parquet`` has one row per concept: its status (kept, absent,
+min_positives, bad_embedding, reserve_unused), rank, evidence count and best z per half.
 
 Negatives (deterministic): one seeded pool of ``negative_pool`` pairs shared by every
 concept (depends on ``seed`` only). For concept c the eligible pairs are the pool pairs
@@ -57,10 +74,11 @@ one DoFn per batch reads the embeddings folder and builds both indexes once per 
 process (``apache_beam.utils.shared.Shared``, on the first element, i.e. after the
 ``after`` side input exists). :class:`EmbedConcepts` writes the concept embeddings
 (``OUT/concept_embeddings.npy``) in the same graph. Counters (namespace ``retrieve``):
-``concepts_read = concepts_kept + deadletter_min_positives + deadletter_bad_embedding``
-and ``stimuli_written = positives + negatives``; also ``dedup_key``, ``dedup_image``,
-``concepts_negatives_short`` (fewer eligible negatives than ``n_negatives``),
-``concepts_embedded``.
+``concepts_read = concepts_kept + concepts_reserve_unused + deadletter_absent +
+deadletter_min_positives + deadletter_bad_embedding`` and ``stimuli_written = positives +
+negatives``; also ``concepts_replacements`` (reserve concepts kept), ``dedup_key``,
+``dedup_image``, ``concepts_negatives_short`` (present concepts with fewer eligible
+negatives than ``n_negatives``), ``concepts_embedded``.
 """
 
 from __future__ import annotations
@@ -75,6 +93,7 @@ import faiss
 import numpy as np
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
+from scipy.special import log_ndtr
 from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
@@ -87,7 +106,7 @@ from transforms.progress import ProgressLog
 
 NAMESPACE = "retrieve"
 MIN_SIMILARITY = 1e-6  # s is clipped to [MIN_SIMILARITY, 1]: ln stays finite
-SIMILARITIES = ("cosine01", "softmax")
+SIMILARITIES = ("calibrated", "cosine01", "softmax")
 ANN_KINDS = ("ivf", "hnsw")
 
 SCHEMA = pa.schema([
@@ -114,7 +133,9 @@ class RetrieveConfig(StageConfig):
         candidates: candidates per modality (top-M by image and top-M by caption similarity).
         min_positives: concepts with fewer positives are dropped and dead-lettered.
         max_score: a pair scoring above this distance is never a positive (None: no limit).
-        similarity: "cosine01" (s = (1 + cos) / 2) or "softmax" (over all concepts).
+        similarity: "calibrated" (s = Phi(z) against the concept's random pairs), "cosine01"
+            (s = (1 + cos) / 2) or "softmax" (over all concepts).
+        min_evidence: a pair is evidence when both halves have z >= this (None: no evidence test).
         temperature: softmax temperature T (softmax only; CLIP's logit scale 100 is T=0.01).
         negative_pool: size of the seeded pool of pairs negatives are drawn from.
         negative_quantile: negatives come from the farthest fraction of the pool.
@@ -136,7 +157,8 @@ class RetrieveConfig(StageConfig):
     candidates: int = 200
     min_positives: int = 5
     max_score: float | None = None
-    similarity: str = "cosine01"
+    similarity: str = "calibrated"
+    min_evidence: float | None = 3.0
     temperature: float = 0.01
     negative_pool: int = 8192
     negative_quantile: float = 0.5
@@ -291,10 +313,27 @@ class EmbedConcepts(beam.PTransform):
 # ---------------------------------------------------------------- scoring
 
 
-def log_similarity(cos: np.ndarray, cfg: RetrieveConfig, log_normaliser: np.ndarray | None = None) -> np.ndarray:
-    """ln s for cosines ``cos`` (float64). cosine01: ln clip((1 + cos) / 2); softmax:
-    cos / T - ``log_normaliser`` (logsumexp over all concepts of cos / T, per pair)."""
+def calibration(pool_cos: np.ndarray) -> tuple[float, float]:
+    """(centre, scale) of one concept's cosines with the random pool, in one modality: the median
+    and 1.4826 x the median absolute deviation (the standard deviation for normal data, but robust:
+    the concept's own matches in the pool, many in a small corpus, do not widen it)."""
+    centre = float(np.median(pool_cos))
+    return centre, max(1.4826 * float(np.median(np.abs(pool_cos - centre))), 1e-12)
+
+
+def calibration_z(cos: np.ndarray, calib: tuple[float, float]) -> np.ndarray:
+    """z = (cos - centre) / scale against the concept's random pairs (:func:`calibration`)."""
+    return (np.asarray(cos, dtype=np.float64) - calib[0]) / calib[1]
+
+
+def log_similarity(cos: np.ndarray, cfg: RetrieveConfig, log_normaliser: np.ndarray | None = None,
+                   calibration: tuple[float, float] | None = None) -> np.ndarray:
+    """ln s for cosines ``cos`` (float64). calibrated: ln Phi(z) (``calibration``: the concept's
+    pool centre and scale, :func:`calibration`); cosine01: ln clip((1 + cos) / 2); softmax: cos / T - ``log_normaliser``
+    (logsumexp over all concepts of cos / T, per pair)."""
     cos = np.asarray(cos, dtype=np.float64)
+    if cfg.similarity == "calibrated":
+        return np.clip(log_ndtr(calibration_z(cos, calibration)), np.log(MIN_SIMILARITY), 0.0)
     if cfg.similarity == "softmax":
         return np.clip(cos / cfg.temperature - log_normaliser, np.log(MIN_SIMILARITY), 0.0)
     return np.log(np.clip((1.0 + cos) / 2.0, MIN_SIMILARITY, 1.0))
@@ -358,12 +397,12 @@ class PairIndex:
             return None
         return _logsumexp_rows((pairs @ self.concepts.T.astype(np.float64)) / self.cfg.temperature)
 
-    def score(self, cos_img: np.ndarray, cos_txt: np.ndarray, norm_img=None,
-              norm_txt=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def score(self, cos_img: np.ndarray, cos_txt: np.ndarray, norm_img=None, norm_txt=None, calib_img=None,
+              calib_txt=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(ln s_img, ln s_txt, dist) from one concept's cosines with pairs (``norm_*``: the
-        pairs' softmax normalisers)."""
-        log_img = log_similarity(cos_img, self.cfg, norm_img)
-        log_txt = log_similarity(cos_txt, self.cfg, norm_txt)
+        pairs' softmax normalisers; ``calib_*``: the concept's pool calibration)."""
+        log_img = log_similarity(cos_img, self.cfg, norm_img, calib_img)
+        log_txt = log_similarity(cos_txt, self.cfg, norm_txt, calib_txt)
         return log_img, log_txt, daco_distance(log_img, log_txt)
 
     def row(self, concept_id: str, i: int, log_img: float, log_txt: float, dist: float, role: str, rank: int) -> dict:
@@ -384,6 +423,9 @@ class ConceptResult:
     dedup_key: int = 0
     dedup_image: int = 0
     negatives_short: bool = False
+    n_evidence: int = 0
+    best_z_img: float = float("nan")
+    best_z_txt: float = float("nan")
 
 
 def _take_unique(order, keys, hashes, limit, taken_keys, taken_hashes, accept=lambda j: True):
@@ -412,23 +454,38 @@ def rank_concept(pairs: PairIndex, concept_id: str, query: np.ndarray, candidate
     (both modalities, any order) and its cosines with the negative pool."""
     cfg = pairs.cfg
     cands = np.unique(candidate_ids[candidate_ids >= 0])
+    calib_img, calib_txt = calibration(pool_cos_img), calibration(pool_cos_txt)
     c_img, c_txt = pairs.img[cands].astype(np.float64), pairs.txt[cands].astype(np.float64)
-    log_img, log_txt, dist = pairs.score(c_img @ query, c_txt @ query, pairs.normaliser(c_img), pairs.normaliser(c_txt))
+    cos_img, cos_txt = c_img @ query, c_txt @ query
+    log_img, log_txt, dist = pairs.score(cos_img, cos_txt, pairs.normaliser(c_img), pairs.normaliser(c_txt),
+                                         calib_img, calib_txt)
+    z_img, z_txt = calibration_z(cos_img, calib_img), calibration_z(cos_txt, calib_txt)
+    evident = (np.minimum(z_img, z_txt) >= cfg.min_evidence if cfg.min_evidence is not None
+               else np.ones(len(cands), dtype=bool))
+    facts = {"n_evidence": int(evident.sum()), "best_z_img": float(z_img.max(initial=-np.inf)),
+             "best_z_txt": float(z_txt.max(initial=-np.inf))}
     keys = [pairs.keys[i] for i in cands]
     hashes = [pairs.hashes[i] for i in cands]
-    order = sorted(range(len(cands)), key=lambda j: (dist[j], keys[j]))
+    order = sorted(np.flatnonzero(evident), key=lambda j: (dist[j], keys[j]))
     pos_keys, pos_hashes = set(), set()
     within = (lambda j: dist[j] <= cfg.max_score) if cfg.max_score is not None else (lambda j: True)
     positives, dedup_key, dedup_image = _take_unique(order, keys, hashes, cfg.k, pos_keys, pos_hashes, within)
     if len(positives) < cfg.min_positives:
+        if facts["n_evidence"] < cfg.min_positives:
+            return ConceptResult(concept_id, [], "absent",
+                                 f"{facts['n_evidence']} pair(s) among {len(cands)} candidates match in image AND "
+                                 f"caption (z >= {cfg.min_evidence} against the concept's random pairs; best z "
+                                 f"image {facts['best_z_img']:.2f}, caption {facts['best_z_txt']:.2f}); "
+                                 f"min_positives is {cfg.min_positives}", dedup_key, dedup_image, **facts)
         limit = f" with score <= {cfg.max_score}" if cfg.max_score is not None else ""
         return ConceptResult(concept_id, [], "min_positives",
                              f"{len(positives)} positive pair(s){limit} after dedup among {len(cands)} candidates; "
-                             f"min_positives is {cfg.min_positives}", dedup_key, dedup_image)
+                             f"min_positives is {cfg.min_positives}", dedup_key, dedup_image, **facts)
     rows = [pairs.row(concept_id, int(cands[j]), log_img[j], log_txt[j], dist[j], "positive", r)
             for r, j in enumerate(positives)]
 
-    p_log_img, p_log_txt, p_dist = pairs.score(pool_cos_img, pool_cos_txt, pairs.pool_norm_img, pairs.pool_norm_txt)
+    p_log_img, p_log_txt, p_dist = pairs.score(pool_cos_img, pool_cos_txt, pairs.pool_norm_img, pairs.pool_norm_txt,
+                                               calib_img, calib_txt)
     eligible = np.flatnonzero(p_dist >= np.quantile(p_dist, 1.0 - cfg.negative_quantile))
     drawn = eligible[concept_rng(cfg.seed, concept_id).permutation(len(eligible))]
     # starting from the positives' keys and hashes excludes them, and any duplicate of them
@@ -436,7 +493,8 @@ def rank_concept(pairs: PairIndex, concept_id: str, query: np.ndarray, candidate
     negatives.sort(key=lambda j: (p_dist[j], pairs.pool_keys[j]))
     rows += [pairs.row(concept_id, int(pairs.pool[j]), p_log_img[j], p_log_txt[j], p_dist[j], "negative", r)
              for r, j in enumerate(negatives)]
-    return ConceptResult(concept_id, rows, None, "", dedup_key, dedup_image, len(negatives) < cfg.n_negatives)
+    return ConceptResult(concept_id, rows, None, "", dedup_key, dedup_image, len(negatives) < cfg.n_negatives,
+                         **facts)
 
 
 def retrieve_batch(pairs: PairIndex, concept_ids: list[str], queries: np.ndarray) -> list[ConceptResult]:
@@ -475,8 +533,12 @@ class _Worker:
         self.pairs = PairIndex.load(emb_dir, self.concepts[self.valid], cfg)
 
 
+STATUS = "status"  # tag of the per-concept status records of _RetrieveBatches
+
+
 class _RetrieveBatches(beam.DoFn):
-    """(batch number, concept positions) -> (batch number, stimuli rows); dead letters tagged ``DEAD``."""
+    """(batch number, concept positions) -> (batch number, stimuli rows of present concepts);
+    dead letters tagged ``DEAD``, one status record per concept tagged ``STATUS``."""
 
     def __init__(self, emb_dir: str, concepts_source, concept_ids: list[str], cfg: RetrieveConfig):
         self.emb_dir, self.concepts_source, self.concept_ids, self.cfg = emb_dir, concepts_source, concept_ids, cfg
@@ -485,8 +547,7 @@ class _RetrieveBatches(beam.DoFn):
                                 else hashlib.blake2b(np.ascontiguousarray(concepts_source).tobytes()).hexdigest(),
                                 dataclasses.asdict(cfg)], sort_keys=True)
         counter = lambda name: Metrics.counter(NAMESPACE, name)  # noqa: E731
-        self.read, self.kept = counter("concepts_read"), counter("concepts_kept")
-        self.positives, self.negatives = counter("positives"), counter("negatives")
+        self.read = counter("concepts_read")
         self.dedup_key, self.dedup_image = counter("dedup_key"), counter("dedup_image")
         self.negatives_short = counter("concepts_negatives_short")
 
@@ -506,21 +567,61 @@ class _RetrieveBatches(beam.DoFn):
             if not worker.valid[p]:
                 yield dead_letter(NAMESPACE, "concept embeddings", self.concept_ids[p], "bad_embedding",
                                   "the concept embedding is zero or not finite")
+                yield beam.pvalue.TaggedOutput(STATUS, {"concept_id": self.concept_ids[p], "status": "bad_embedding"})
         rows = []
         for result in retrieve_batch(worker.pairs, [self.concept_ids[p] for p in good], worker.concepts[good]):
             self.dedup_key.inc(result.dedup_key)
             self.dedup_image.inc(result.dedup_image)
+            yield beam.pvalue.TaggedOutput(STATUS, {
+                "concept_id": result.concept_id, "status": result.dropped or "present", "n_evidence": result.n_evidence,
+                "best_z_img": result.best_z_img, "best_z_txt": result.best_z_txt,
+                "n_positives": sum(r["role"] == "positive" for r in result.rows)})
             if result.dropped:
                 yield dead_letter(NAMESPACE, self.emb_dir, result.concept_id, result.dropped, result.detail)
                 continue
-            self.kept.inc()
             self.negatives_short.inc(int(result.negatives_short))
-            n_pos = sum(r["role"] == "positive" for r in result.rows)
-            self.positives.inc(n_pos)
-            self.negatives.inc(len(result.rows) - n_pos)
             rows += result.rows
         self.progress.update(len(positions))
         yield number, rows
+
+
+EVIDENCE_SCHEMA = pa.schema([
+    ("concept_id", pa.string()), ("rank", pa.int32()), ("reserve", pa.bool_()), ("status", pa.string()),
+    ("n_evidence", pa.int32()), ("best_z_img", pa.float32()), ("best_z_txt", pa.float32()),
+    ("n_positives", pa.int32()),
+])
+
+
+def select_concepts(statuses: list[dict], ranks: dict[str, int], target: int | None) -> tuple[set[str], list[dict]]:
+    """Replacement: the first ``target`` present concepts in rank order (all when None) and the
+    evidence table rows (status ``kept`` or ``reserve_unused`` for present concepts)."""
+    order = sorted(statuses, key=lambda r: (ranks[r["concept_id"]], r["concept_id"]))
+    present = [r["concept_id"] for r in order if r["status"] == "present"]
+    selected = set(present if target is None else present[:target])
+    by_rank = sorted(ranks, key=lambda c: (ranks[c], c))
+    reserve = set(by_rank[target:]) if target is not None else set()
+    table = []
+    for r in order:
+        status = r["status"] if r["status"] != "present" else ("kept" if r["concept_id"] in selected
+                                                                else "reserve_unused")
+        table.append({"n_evidence": 0, "best_z_img": None, "best_z_txt": None, "n_positives": 0, **r,
+                      "status": status, "rank": ranks[r["concept_id"]], "reserve": r["concept_id"] in reserve})
+    return selected, table
+
+
+def _select(statuses, ranks: dict[str, int], target: int | None, path: str):
+    selected, table = select_concepts(statuses, ranks, target)
+    fileio.write_parquet_atomic(path, pa.Table.from_pylist(
+        [{name: row.get(name) for name in EVIDENCE_SCHEMA.names} for row in table], schema=EVIDENCE_SCHEMA))
+    counts = {"kept": 0, "reserve_unused": 0}
+    for row in table:
+        if row["status"] in counts:
+            counts[row["status"]] += 1
+    Metrics.counter(NAMESPACE, "concepts_kept").inc(counts["kept"])
+    Metrics.counter(NAMESPACE, "concepts_reserve_unused").inc(counts["reserve_unused"])
+    Metrics.counter(NAMESPACE, "concepts_replacements").inc(
+        sum(row["status"] == "kept" and row["reserve"] for row in table))
+    yield sorted(selected)
 
 
 def part_name(number: int, total: int) -> str:
@@ -529,12 +630,20 @@ def part_name(number: int, total: int) -> str:
 
 
 class _WritePart(beam.DoFn):
+    """(batch number, rows) -> one stimuli part holding the rows of the selected concepts."""
+
     def __init__(self, stimuli_dir: str, total: int, provenance: dict | None):
         self.stimuli_dir, self.total, self.provenance = stimuli_dir, total, provenance
         self.written = Metrics.counter(NAMESPACE, "stimuli_written")
+        self.positives, self.negatives = Metrics.counter(NAMESPACE, "positives"), Metrics.counter(NAMESPACE, "negatives")
 
-    def process(self, element):
+    def process(self, element, selected):
         number, rows = element
+        keep = set(selected)
+        rows = [r for r in rows if r["concept_id"] in keep]
+        n_pos = sum(r["role"] == "positive" for r in rows)
+        self.positives.inc(n_pos)
+        self.negatives.inc(len(rows) - n_pos)
         path = fileio.join(self.stimuli_dir, part_name(number, self.total))
         fileio.write_parquet_atomic(path, to_table(rows, self.provenance))
         self.written.inc(len(rows))
@@ -555,14 +664,21 @@ class RetrieveStimuli(beam.PTransform):
     embedding stage's written paths) taken as a side input, so the index is built only once
     the embeddings folder and the concept embeddings have been written in the same graph.
     ``provenance``: JSON-able facts stored in every part's schema metadata (key ``daco``),
-    e.g. ``{"clip": ..., "untrained": true}``.
+    e.g. ``{"clip": ..., "untrained": true}``. ``ranks`` (aligned with ``concept_ids``; default
+    their order) and ``target`` (default: keep every present concept) drive the replacement
+    of absent concepts (module docstring; :func:`concept_pool` reads both from concepts.parquet).
     """
 
     def __init__(self, out_dir: str, emb_dir: str, concept_embeddings: np.ndarray | str, concept_ids: list[str],
-                 cfg: RetrieveConfig, after: beam.PCollection | None = None, provenance: dict | None = None):
+                 cfg: RetrieveConfig, after: beam.PCollection | None = None, provenance: dict | None = None,
+                 ranks: list[int] | None = None, target: int | None = None):
         super().__init__()
         if len(set(concept_ids)) != len(concept_ids):
             raise ValueError("RetrieveStimuli: concept_ids has duplicates")
+        if ranks is not None and len(ranks) != len(concept_ids):
+            raise ValueError(f"RetrieveStimuli: {len(ranks)} ranks for {len(concept_ids)} concept ids")
+        self.ranks = dict(zip(concept_ids, ranks if ranks is not None else range(len(concept_ids))))
+        self.target = target
         if not isinstance(concept_embeddings, str):
             concept_embeddings = load_concept_embeddings(concept_embeddings)
             if len(concept_embeddings) != len(concept_ids):
@@ -581,18 +697,35 @@ class RetrieveStimuli(beam.PTransform):
             | "ConceptBatches" >> beam.Create(list(enumerate(batches)))
             | "Spread" >> beam.Reshuffle()
             | "Retrieve" >> beam.ParDo(_RetrieveBatches(self.emb_dir, self.concepts_source, self.concept_ids, cfg),
-                                       **side).with_outputs(DEAD, main="rows")
+                                       **side).with_outputs(DEAD, STATUS, main="rows")
         )
         results[DEAD] | "DeadLetters" >> WriteDeadLetters(self.out_dir, NAMESPACE)
+        selected = (results[STATUS]
+                    | "GatherStatus" >> beam.combiners.ToList()
+                    | "SelectConcepts" >> beam.FlatMap(_select, self.ranks, self.target,
+                                                       fileio.join(self.out_dir, "retrieve_evidence.parquet")))
         stimuli_dir = fileio.join(self.out_dir, "stimuli")
         return (
             results["rows"]
-            | "WriteParts" >> beam.ParDo(_WritePart(stimuli_dir, len(batches), self.provenance))
+            | "WriteParts" >> beam.ParDo(_WritePart(stimuli_dir, len(batches), self.provenance),
+                                         beam.pvalue.AsSingleton(selected))
             | "Gather" >> beam.combiners.ToList()
             | "RemoveStale" >> beam.FlatMap(_remove_stale_parts, stimuli_dir)
         )
 
 
 RECONCILIATION = Reconciliation(NAMESPACE, "concepts_read",
-                                ("concepts_kept", "deadletter_min_positives", "deadletter_bad_embedding"))
+                                ("concepts_kept", "concepts_reserve_unused", "deadletter_absent",
+                                 "deadletter_min_positives", "deadletter_bad_embedding"))
+
+
+def concept_pool(table: pa.Table) -> tuple[list[str], list[int] | None, int | None]:
+    """(concept ids, ranks, target) of a concepts.parquet for :class:`RetrieveStimuli`: with its
+    ``rank`` and ``reserve`` columns the target is the number of non-reserve rows; a table
+    without them keeps every present concept (ranks None, target None)."""
+    ids = table.column("concept_id").to_pylist()
+    if not {"rank", "reserve"} <= set(table.column_names):
+        return ids, None, None
+    reserve = table.column("reserve").to_pylist()
+    return ids, table.column("rank").to_pylist(), sum(not r for r in reserve)
 STIMULI_RECONCILIATION = Reconciliation(NAMESPACE, "stimuli_written", ("positives", "negatives"))

@@ -37,6 +37,7 @@ from apache_beam.metrics import Metrics
 
 from steering.dictionary import dictionary_parquet_bytes, dictionary_schema
 from transforms import fileio
+from transforms.picturability import DATA_TERMS
 
 NAMESPACE = "dictionary"
 
@@ -256,9 +257,11 @@ def dataset_card(out_dir: str | Path, metadata: dict) -> str:
         "",
         "## How it was made",
         "",
-        f"1. **Concepts** ({counts.get('concepts', 0):,}): picturable WordNet 3.0 noun synsets, one per surface "
-        "lemma, ranked by frequency, each with its lexicographer group and a desirable / undesirable / "
-        "neutral label (`concepts` config).",
+        f"1. **Concepts** ({counts.get('concepts', 0):,}): picturable WordNet 3.0 noun synsets (things, visible "
+        "actions and events), one per surface lemma, ranked by published human ratings of concreteness and "
+        "visual strength and by word frequency, each with its lexicographer group and a desirable / "
+        "undesirable / neutral label (`concepts` config). Rows flagged `reserve` are next-ranked candidates "
+        "that retrieval draws on when a concept has no evidence in the corpus.",
         f"2. **Stimuli** ({counts.get('stimuli', 0):,}): caption-image pairs retrieved with CLIP. Each concept "
         "is scored against the image and the caption of a pair, `s_img` and `s_txt` in (0, 1], combined "
         "with DACO's distance `score = sqrt(-(ln s_img + ln s_txt))` (lower is closer); the closest pairs "
@@ -282,7 +285,8 @@ def dataset_card(out_dir: str | Path, metadata: dict) -> str:
         "",
         "| path | holds |",
         "| --- | --- |",
-        "| `concepts.parquet` | concept_id, lemma, lemmas, definition, group, hypernym_path, depth, frequency, polarity, polarity_source |",
+        "| `concepts.parquet` | concept_id, lemma, lemmas, definition, group, hypernym_path, depth, frequency, polarity, "
+        "polarity_source, concreteness, visual, zipf, picturability, rank, reserve |",
         "| `stimuli/*.parquet` | concept_id, key, caption, url, shard, s_img, s_txt, score, role (positive/negative), rank |",
         "| `dictionary/layer_NNN.parquet` | concept_id, layer, direction (float32 x d), n_pos, n_neg, norm |",
         "| `metadata.json` | models, layers, pooling, prompt template, seeds, package versions, counts, untrained |",
@@ -302,6 +306,8 @@ def dataset_card(out_dir: str | Path, metadata: dict) -> str:
         "Concepts come from WordNet 3.0 (WordNet licence); captions and image URLs belong to the source",
         "corpus and keep its terms; the directions are derived from the models listed above and follow",
         "their licences.",
+        "",
+        f"Ratings used to rank the concepts (columns concreteness, visual, zipf): {DATA_TERMS}",
         "",
     ]
     return "\n".join(lines)

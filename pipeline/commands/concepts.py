@@ -35,5 +35,6 @@ def run(args, beam_args):
 
     counters = run_pipeline(build, beam_args)
     ok = print_summary("concepts", counters, [RECONCILIATION])
-    print(f"wrote {args.out.rstrip('/')}/concepts.parquet ({counters.get('concepts.kept', 0):,} concepts)")
+    print(f"wrote {args.out.rstrip('/')}/concepts.parquet ({counters.get('concepts.kept', 0):,} concepts "
+          f"and a reserve of {counters.get('concepts.reserve', 0):,} for retrieval to draw on)")
     return 0 if ok else 1

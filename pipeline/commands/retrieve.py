@@ -8,13 +8,19 @@ RetrieveStimuli, which takes the first two as a side input so it starts once the
 HELP = "Retrieve positive and negative caption-image stimuli per concept (CLIP + faiss) into OUT/stimuli/."
 BEAM_OPTIONS = True
 
+UNSET = object()  # a flag not given (None is a value: --min-evidence none)
+
 RETRIEVE_OPTIONS = {  # --flag: (RetrieveConfig field, type, help)
     "--k": ("k", int, "positives per concept (default 27)"),
     "--n-negatives": ("n_negatives", int, "negatives per concept (default 27)"),
     "--candidates": ("candidates", int, "candidates per modality from each faiss index (default 200)"),
     "--min-positives": ("min_positives", int, "drop (and dead-letter) concepts with fewer positives (default 5)"),
     "--max-score": ("max_score", float, "a pair whose DACO distance exceeds this is never a positive"),
-    "--similarity": ("similarity", str, "cosine01 ((1+cos)/2, default) or softmax (over concepts)"),
+    "--similarity": ("similarity", str, "calibrated (Phi of z against the concept's random pairs, default), "
+                     "cosine01 ((1+cos)/2) or softmax (over concepts)"),
+    "--min-evidence": ("min_evidence", lambda v: None if v.lower() == "none" else float(v),
+                       "a pair is evidence when image and caption both have z >= this against the concept's "
+                       "random pairs; concepts with fewer than --min-positives are absent (default 3; 'none': off)"),
     "--exact-max": ("exact_max", int, "exact index up to this many pairs, approximate above (default 250000)"),
     "--ann": ("ann", str, "approximate index: ivf (default) or hnsw"),
     "--nprobe": ("nprobe", int, "IVF lists probed per query (default 32)"),
@@ -36,7 +42,7 @@ def add_arguments(parser):
     parser.add_argument("--out", required=True, help="output directory (local path or any Beam filesystem URL)")
     parser.add_argument("--config", default=None, help="YAML config file; its 'clip:' and 'retrieve:' sections are used")
     for flag, (_field, kind, text) in RETRIEVE_OPTIONS.items():
-        parser.add_argument(flag, type=kind, default=None, help=text)
+        parser.add_argument(flag, type=kind, default=UNSET, help=text)
     add_clip_arguments(parser)
 
 
@@ -47,16 +53,18 @@ def _retrieve_config(args):
     from transforms.retrieve import RetrieveConfig
 
     cfg = section(load_config_file(args.config), "retrieve", RetrieveConfig, args.config)
-    changes = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _k, _t) in RETRIEVE_OPTIONS.items()}
+    given = {flag: getattr(args, flag[2:].replace("-", "_"), UNSET) for flag in RETRIEVE_OPTIONS}
+    changes = {RETRIEVE_OPTIONS[flag][0]: value for flag, value in given.items() if value is not UNSET}
     try:
-        return RetrieveConfig.from_dict({**dataclasses.asdict(cfg), **{k: v for k, v in changes.items() if v is not None}},
+        return RetrieveConfig.from_dict({**dataclasses.asdict(cfg), **changes},
                                         where="retrieve options")
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
 
 
-def _concept_ids(path: str) -> list[str]:
+def _concept_pool(path: str) -> tuple[list[str], list[int] | None, int | None]:
     from transforms import fileio
+    from transforms.retrieve import concept_pool
 
     try:
         table = fileio.read_parquet(path)
@@ -69,7 +77,7 @@ def _concept_ids(path: str) -> list[str]:
     ids = table.column("concept_id").to_pylist()
     if not ids or len(set(ids)) != len(ids):
         raise SystemExit(f"--concepts {path}: needs at least one concept and unique concept_id values")
-    return ids
+    return concept_pool(table)
 
 
 def _supplied_embeddings(emb_dir: str, clip, resolved) -> dict:
@@ -112,7 +120,7 @@ def run(args, beam_args):
     quiet_beam_logging()
     cfg = _retrieve_config(args)
     clip = clip_config_from_args(args)
-    concept_ids = _concept_ids(args.concepts)
+    concept_ids, ranks, target = _concept_pool(args.concepts)
     try:
         resolved = embed.resolve_clip_config(clip)
     except embed.ClipLoadError as exc:
@@ -138,7 +146,8 @@ def run(args, beam_args):
             ready.append(records | "ComputeEmbeddings" >> embed.ComputeEmbeddings(args.out, clip))
         after = tuple(ready) | "EmbeddingsWritten" >> beam.Flatten()
         p | "RetrieveStimuli" >> retrieve.RetrieveStimuli(args.out, emb_dir, concepts_npy, concept_ids, cfg,
-                                                          after=after, provenance=provenance)
+                                                          after=after, provenance=provenance, ranks=ranks,
+                                                          target=target)
 
     try:
         counters = run_pipeline(build, beam_args)
@@ -151,6 +160,8 @@ def run(args, beam_args):
     get = lambda name: counters.get(f"retrieve.{name}", 0)  # noqa: E731
     out = args.out.rstrip("/")
     print(f"wrote {out}/stimuli/ ({get('positives'):,} positives and {get('negatives'):,} negatives for "
-          f"{get('concepts_kept'):,} of {get('concepts_read'):,} concepts; dropped ones in {out}/deadletter/retrieve.jsonl)"
+          f"{get('concepts_kept'):,} of {get('concepts_read'):,} concepts, {get('concepts_replacements'):,} of them from "
+          f"the reserve; {get('deadletter_absent'):,} absent from the corpus; dropped ones in "
+          f"{out}/deadletter/retrieve.jsonl, each concept's evidence in {out}/retrieve_evidence.parquet)"
           + (" [UNTRAINED CLIP: random weights]" if untrained else ""))
     return 0 if ok else 1
