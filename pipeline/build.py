@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -147,6 +148,16 @@ def _build_corpus(cfg: BuildConfig, out: str, concepts_path: str) -> str:
     return fileio.join(corpus_dir, "shards", "*.tar")
 
 
+def relative_to(path: str, out: str) -> str:
+    """How metadata.json records an input: relative to the output folder when inside it (so
+    `daco report` finds it wherever it runs and after the folder moves), else absolute."""
+    if fileio.is_remote(path) or fileio.is_remote(out):
+        prefix = out.rstrip("/") + "/"
+        return path[len(prefix):] if path.startswith(prefix) else path
+    path, base = os.path.abspath(path), os.path.abspath(out)
+    return os.path.relpath(path, base) if path.startswith(base + os.sep) else path
+
+
 def _run_phases(cfg: BuildConfig, out: str, shards_pattern: str | None, embeddings_dir: str | None,
                 beam_args: list[str]) -> int:
     from transforms.write import write_dataset_card, write_metadata
@@ -198,7 +209,7 @@ def _run_phases(cfg: BuildConfig, out: str, shards_pattern: str | None, embeddin
                   "retrieve": cfg.retrieve.seed},
         "config_source": cfg.source,
         "config": {name: dataclasses.asdict(getattr(cfg, name)) for name in SECTIONS},
-        "shards": shards_pattern, "embeddings": emb_dir, "counters": dict(sorted(counters.items())),
+        "shards": relative_to(shards_pattern, out), "embeddings": relative_to(emb_dir, out), "counters": dict(sorted(counters.items())),
     })
     write_dataset_card(out, metadata)
     outdir.mark_complete(out)
