@@ -170,7 +170,10 @@ def _run_phases(cfg: BuildConfig, out: str, shards_pattern: str | None, embeddin
         raise SystemExit(f"--embeddings {embeddings_dir}: no clip-retrieval layout there "
                          "(img_emb/, text_emb/, metadata/); drop the option to compute embeddings")
     _step("checking the MLLM and its layers")
-    mllm_info = activations.check_model(cfg.mllm)
+    try:
+        mllm_info = activations.check_model(cfg.mllm)
+    except ValueError as exc:  # a layer the model lacks, a token cap above its context: one line
+        raise SystemExit(f"daco build: mllm: {exc}") from None
     clip = embed.load_clip(cfg.clip)
 
     outdir.mark_incomplete(out, "daco build")
