@@ -1,9 +1,11 @@
-"""Guarding an output folder: an interrupted rebuild leaves a folder publish refuses, a second
-writer is refused while one holds the folder, and a bad --out fails before any work."""
+"""Hostile input not owned by one stage (docs/reliability.md): an interrupted rebuild leaves a
+folder publish refuses, a second writer is refused, a bad --out or a mistyped config value fails
+before any work, a runner that loses data is refused, and no run claims a vacuous reconciliation."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -82,3 +84,27 @@ def test_a_runner_without_counters_is_not_reconciled_vacuously():
 def test_the_dask_runner_is_refused_with_the_reason(runner, tmp_path):
     with pytest.raises(SystemExit, match="not supported: Beam's Dask runner drops data without an error"):
         daco(["concepts", "--out", str(tmp_path), "--runner", runner])
+
+
+@pytest.mark.parametrize("section, text, named", [
+    ("retrieve", "k: eight", "retrieve.k: 'eight' is a str; expected int"),
+    ("retrieve", "k: 2.5", "retrieve.k: 2.5 is a float; expected int"),
+    ("mllm", "layers: '15'", "mllm.layers: '15' is a str; expected list[int]"),
+    ("mllm", "layers: [15, 'x']", "mllm.layers: [15, 'x'] is a list; expected list[int]"),
+    ("concepts", "include_polarity_roots: 1", "concepts.include_polarity_roots: 1 is a int; expected bool"),
+])
+def test_config_values_are_type_checked_before_any_work(tmp_path, section, text, named):
+    config = tmp_path / "bad.yaml"
+    config.write_text(f"{section}:\n  {text}\n")
+    with pytest.raises(SystemExit, match=re.escape(named)):
+        daco(["build", "--config", str(config), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_layer_is_one_line(tmp_path, capsys):
+    config = tmp_path / "layers.yaml"
+    config.write_text("mllm:\n  untrained_size: {num_hidden_layers: 2}\n  layers: [1, 7]\n")
+    with pytest.raises(SystemExit) as exc:
+        daco(["build", "--config", str(config), "--out", str(tmp_path / "out")])
+    message = str(exc.value)
+    assert message.startswith("daco build: mllm: layers [1, 7] invalid") and "\n" not in message
