@@ -124,12 +124,16 @@ def test_publish_names_the_gcs_file_it_refuses(gcs_build, capsys):
     assert f"{broken}/concepts.parquet: not a readable parquet file" in err and "daco-remote-" not in err
 
 
-def test_retrieve_on_gcs_matches_the_build(gcs_build, gcs, tiny_build):
+def test_retrieve_on_gcs_writes_the_same_bytes_as_locally(gcs_build, gcs, tiny_build, tmp_path):
     out, shards, config = gcs_build
-    retrieved = f"{gcs}/retrieve"
+    retrieved, local = f"{gcs}/retrieve", tmp_path / "retrieve"
     assert daco(["retrieve", "--concepts", f"{out}/concepts.parquet", "--shards", shards, "--out", retrieved,
                  "--config", config]) == 0
-    assert _remote_files(retrieved, ("stimuli/*.parquet",)) == _local_files(tiny_build / "b", ("stimuli/*.parquet",))
+    assert daco(["retrieve", "--concepts", str(tiny_build / "b" / "concepts.parquet"), "--shards",
+                 str(tiny_build / "a" / "corpus" / "shards" / "*.tar"), "--out", str(local), "--config", config]) == 0
+    patterns = ("stimuli/*.parquet", "concept_embeddings.npy", "embeddings/*/*", "deadletter/*.jsonl")
+    expected = _local_files(local, patterns)
+    assert len(expected) > 5 and _remote_files(retrieved, patterns) == expected
 
 
 def test_without_credentials_gcs_access_turns_anonymous_at_once_and_says_why(tmp_path):

@@ -108,3 +108,32 @@ def test_a_missing_layer_is_one_line(tmp_path, capsys):
         daco(["build", "--config", str(config), "--out", str(tmp_path / "out")])
     message = str(exc.value)
     assert message.startswith("daco build: mllm: layers [1, 7] invalid") and "\n" not in message
+
+
+def test_yaml_tags_in_a_config_never_execute(tmp_path):
+    marker = tmp_path / "executed"
+    config = tmp_path / "tagged.yaml"
+    config.write_text(f"concepts: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(SystemExit, match="is not valid YAML"):
+        daco(["build", "--config", str(config), "--out", str(tmp_path / "out")])
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage, named", [
+    (lambda f: (f / "dictionary" / "layer_015.parquet").write_bytes(
+        (f / "dictionary" / "layer_015.parquet").read_bytes()[:300]), "layer_015.parquet: not a readable parquet file"),
+    (lambda f: (f / "concepts.parquet").write_bytes(b"PAR1 not really"), "concepts.parquet: not a readable parquet file"),
+    (lambda f: _nan_direction(f / "dictionary" / "layer_016.parquet"), "layer_016.parquet: 1 direction(s) at layer 16 contain NaN/inf"),
+])
+def test_report_names_a_damaged_file(dataset_folder, tmp_path, capsys, damage, named):
+    out = shutil.copytree(dataset_folder, tmp_path / "out")
+    damage(out)
+    assert daco(["report", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert named in err and "Traceback" not in err
+
+
+def _nan_direction(path):
+    from test_publish import _write_nan_direction
+
+    _write_nan_direction(path)

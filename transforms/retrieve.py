@@ -28,7 +28,8 @@ Index: exact (``IndexFlatIP``) up to ``exact_max`` pairs; above it ``ann``: IVF-
 (``hnsw_m``/``ef_search``; its parallel build is not bit-reproducible, so prefer IVF when
 byte-identical reruns matter). On a GPU (``use_gpu``) flat and IVF indexes move to faiss-gpu.
 
-Positives: walking the ranked candidates, a pair is skipped when its key or its image
+Positives: walking the ranked candidates, a pair is skipped when its (shard, key) (keys
+alone repeat across img2dataset runs) or its image
 hash (``sha256`` in the metadata, when present) was already taken for this concept (the
 best-scoring occurrence wins, counted ``dedup_key`` / ``dedup_image``), and when its
 score exceeds ``max_score`` (if set). The first ``k`` are the positives, ``rank`` 0..k-1.
@@ -38,9 +39,9 @@ A concept left with fewer than ``min_positives`` is dead-lettered (reason
 Negatives (deterministic): one seeded pool of ``negative_pool`` pairs shared by every
 concept (depends on ``seed`` only). For concept c the eligible pairs are the pool pairs
 whose score is at least the ``1 - negative_quantile`` quantile of the pool's scores for c
-(the farthest ``negative_quantile`` of the pool), minus every pair sharing a key or an
-image hash with one of c's positives. They are visited in a permutation seeded by
-``(seed, concept_id)``, deduplicated by key and image hash, and the first
+(the farthest ``negative_quantile`` of the pool), minus every pair sharing a (shard, key) or
+an image hash with one of c's positives. They are visited in a permutation seeded by
+``(seed, concept_id)``, deduplicated by (shard, key) and image hash, and the first
 ``n_negatives`` are taken; their ``rank`` orders them by ``(score, key)``.
 
 Exact similarities are computed in float64 from the stored (float16) embeddings, over
@@ -333,6 +334,7 @@ class PairIndex:
         columns = {name: metadata.column(name).to_pylist() for name in metadata.column_names}
         self.keys = [str(k) for k in columns["key"]]
         self.captions, self.urls, self.shards = columns["caption"], columns["url"], columns["shard"]
+        self.ids = [f"{shard}/{key}" for shard, key in zip(self.shards, self.keys)]  # keys repeat across img2dataset runs
         self.hashes = columns.get("sha256") or [None] * self.n
         self.concepts = concepts
         self.img_index = build_index(self.img, cfg)
@@ -340,6 +342,7 @@ class PairIndex:
         pool_size = min(cfg.negative_pool, self.n)
         self.pool = np.sort(np.random.default_rng([cfg.seed, 2]).choice(self.n, pool_size, replace=False))
         self.pool_keys = [self.keys[i] for i in self.pool]
+        self.pool_ids = [self.ids[i] for i in self.pool]
         self.pool_hashes = [self.hashes[i] for i in self.pool]
         self.pool_img = self.img[self.pool].astype(np.float64)
         self.pool_txt = self.txt[self.pool].astype(np.float64)
@@ -415,11 +418,12 @@ def rank_concept(pairs: PairIndex, concept_id: str, query: np.ndarray, candidate
     c_img, c_txt = pairs.img[cands].astype(np.float64), pairs.txt[cands].astype(np.float64)
     log_img, log_txt, dist = pairs.score(c_img @ query, c_txt @ query, pairs.normaliser(c_img), pairs.normaliser(c_txt))
     keys = [pairs.keys[i] for i in cands]
+    ids = [pairs.ids[i] for i in cands]
     hashes = [pairs.hashes[i] for i in cands]
     order = sorted(range(len(cands)), key=lambda j: (dist[j], keys[j]))
-    pos_keys, pos_hashes = set(), set()
+    pos_ids, pos_hashes = set(), set()
     within = (lambda j: dist[j] <= cfg.max_score) if cfg.max_score is not None else (lambda j: True)
-    positives, dedup_key, dedup_image = _take_unique(order, keys, hashes, cfg.k, pos_keys, pos_hashes, within)
+    positives, dedup_key, dedup_image = _take_unique(order, ids, hashes, cfg.k, pos_ids, pos_hashes, within)
     if len(positives) < cfg.min_positives:
         limit = f" with score <= {cfg.max_score}" if cfg.max_score is not None else ""
         return ConceptResult(concept_id, [], "min_positives",
@@ -431,8 +435,8 @@ def rank_concept(pairs: PairIndex, concept_id: str, query: np.ndarray, candidate
     p_log_img, p_log_txt, p_dist = pairs.score(pool_cos_img, pool_cos_txt, pairs.pool_norm_img, pairs.pool_norm_txt)
     eligible = np.flatnonzero(p_dist >= np.quantile(p_dist, 1.0 - cfg.negative_quantile))
     drawn = eligible[concept_rng(cfg.seed, concept_id).permutation(len(eligible))]
-    # starting from the positives' keys and hashes excludes them, and any duplicate of them
-    negatives, _, _ = _take_unique(drawn, pairs.pool_keys, pairs.pool_hashes, cfg.n_negatives, pos_keys, pos_hashes)
+    # starting from the positives' (shard, key)s and hashes excludes them, and any duplicate of them
+    negatives, _, _ = _take_unique(drawn, pairs.pool_ids, pairs.pool_hashes, cfg.n_negatives, pos_ids, pos_hashes)
     negatives.sort(key=lambda j: (p_dist[j], pairs.pool_keys[j]))
     rows += [pairs.row(concept_id, int(pairs.pool[j]), p_log_img[j], p_log_txt[j], p_dist[j], "negative", r)
              for r, j in enumerate(negatives)]
