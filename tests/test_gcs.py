@@ -150,3 +150,19 @@ def test_without_credentials_gcs_access_turns_anonymous_at_once_and_says_why(tmp
     assert done.returncode == 0, done.stderr
     assert "no Google Cloud credentials" in done.stdout and "anonymously" in done.stdout
     assert "cached True None" in done.stdout
+
+
+def test_the_embedded_corpus_of_a_gcs_build_lands_under_out(gcs, tiny_build):
+    """Without --shards, the corpus is drawn locally (img2dataset over 127.0.0.1) and copied to
+    OUT/corpus on the bucket: no local 'gs:/...' folder."""
+    import dataclasses
+
+    from pipeline.build import _build_corpus, load_build_config
+    from transforms import fileio
+
+    cfg = load_build_config(str(tiny_build / "tiny.yaml"), None)
+    cfg = dataclasses.replace(cfg, corpus=dataclasses.replace(cfg.corpus, n=8))
+    pattern = _build_corpus(cfg, f"{gcs}/corpus-out", str(tiny_build / "a" / "concepts.parquet"))
+    assert pattern == f"{gcs}/corpus-out/corpus/shards/*.tar"
+    assert fileio.list_files(f"{gcs}/corpus-out/corpus/shards", "*.tar")
+    assert fileio.exists(f"{gcs}/corpus-out/corpus/corpus.json") and not Path("gs:").exists()

@@ -195,12 +195,15 @@ def check_model(cfg: MLLMConfig) -> dict:
     }
 
 
-def text_tokens(processor, prompt_template: str, caption: str) -> int:
-    """Tokens of the prompt template with ``caption`` in it (the processor's tokenizer, no special tokens)."""
+def text_tokens(processor, prompt_template: str, caption: str) -> int | None:
+    """Tokens of the prompt template with ``caption`` in it (the processor's tokenizer, no special
+    tokens); None for a model whose processor has no tokenizer (nothing to cap)."""
     from steering.models.base import split_template
 
     before, after = split_template(prompt_template)
     tokenizer = getattr(processor, "tokenizer", processor)
+    if not callable(tokenizer):
+        return None
     return len(tokenizer(before + caption + after, add_special_tokens=False)["input_ids"])
 
 
@@ -229,7 +232,7 @@ def pooled_activations(model, processor, adapter, cfg: MLLMConfig, stimuli: Sequ
     if max_tokens is not None:
         for i, (_image, caption) in enumerate(stimuli):
             n = text_tokens(processor, cfg.prompt_template, caption)
-            if n > max_tokens:
+            if n is not None and n > max_tokens:
                 results[i] = {"error": f"{n:,} text tokens (caption of {len(caption):,} characters), above the "
                                        f"cap mllm.max_tokens={max_tokens}", "reason": "too_long"}
     order = sorted((i for i in range(len(stimuli)) if results[i] is None), key=lambda i: (len(stimuli[i][1]), i))
