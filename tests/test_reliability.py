@@ -108,6 +108,7 @@ def test_a_missing_layer_is_one_line(tmp_path, capsys):
         daco(["build", "--config", str(config), "--out", str(tmp_path / "out")])
     message = str(exc.value)
     assert message.startswith("daco build: mllm: layers [1, 7] invalid") and "\n" not in message
+    assert not (tmp_path / "out").exists()  # the folder made for the writer lock is gone again
 
 
 def test_yaml_tags_in_a_config_never_execute(tmp_path):

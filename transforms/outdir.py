@@ -56,13 +56,16 @@ def check_writable(out: str, option: str = "--out") -> None:
 
 @contextmanager
 def writer_lock(out: str, command: str):
-    """Hold the exclusive writer lock of local folder ``out`` (created if absent) for the block;
-    :class:`FolderBusy` when another process holds it. A no-op for remote folders."""
+    """Hold the exclusive writer lock of local folder ``out`` for the block; :class:`FolderBusy`
+    when another process holds it. A folder created for the lock is removed again when the block
+    wrote nothing into it (a command that failed its checks leaves no trace). A no-op for remote
+    folders."""
     if fileio.is_remote(out):
         yield
         return
     import fcntl
 
+    created = not Path(out).exists()
     Path(out).mkdir(parents=True, exist_ok=True)
     path = Path(out) / LOCK
     fh = open(path, "a+", encoding="utf-8")
@@ -81,6 +84,9 @@ def writer_lock(out: str, command: str):
         yield
     finally:
         fh.close()  # releases the lock
+        if created and [p.name for p in Path(out).iterdir()] == [LOCK]:
+            path.unlink()
+            Path(out).rmdir()
 
 
 def mark_incomplete(out: str, command: str) -> None:
