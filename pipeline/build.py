@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from importlib import resources
-from pathlib import Path
-
 
 from pipeline.config import load_config_file, section
 from pipeline.runner import print_summary, run_pipeline
-from transforms import activations, concepts, directions, embed, fileio, retrieve, shards
+from transforms import activations, concepts, directions, embed, fileio, outdir, retrieve, shards
 from transforms.config import StageConfig
 from transforms.counters import Reconciliation
 
@@ -124,7 +124,43 @@ def main_graph(p, *, out: str, shards_pattern: str, emb_dir: str, compute_embedd
 
 def run_build(cfg: BuildConfig, out: str, shards_pattern: str | None, embeddings_dir: str | None,
               beam_args: list[str]) -> int:
-    """Run every phase into ``out``; prints the summary; returns the exit code."""
+    """Run every phase into ``out`` (local path or Beam filesystem URL) holding its writer lock,
+    with ``OUT/_INCOMPLETE`` present until the card is written (transforms/outdir.py); prints
+    the summary; returns the exit code."""
+    outdir.check_writable(out)
+    with outdir.writer_lock(out, "daco build"):
+        return _run_phases(cfg, out, shards_pattern, embeddings_dir, beam_args)
+
+
+def _build_corpus(cfg: BuildConfig, out: str, concepts_path: str) -> str:
+    """Phase 2: the embedded corpus into ``OUT/corpus``; returns its shard pattern. img2dataset
+    writes locally, so for a remote ``out`` the corpus is built in a temporary folder and copied."""
+    from transforms.corpus import build_corpus
+
+    corpus_dir = fileio.join(out, "corpus")
+    args = dict(n=cfg.corpus.n, concepts_path=concepts_path, seed=cfg.corpus.seed,
+                image_size=cfg.corpus.image_size, wordnet_dir=cfg.concepts.wordnet_dir)
+    if fileio.is_remote(out):
+        with tempfile.TemporaryDirectory(prefix="daco-corpus-") as tmp:
+            build_corpus(tmp, **args)
+            fileio.upload_tree(tmp, corpus_dir)
+    else:
+        build_corpus(corpus_dir, **args)
+    return fileio.join(corpus_dir, "shards", "*.tar")
+
+
+def relative_to(path: str, out: str) -> str:
+    """How metadata.json records an input: relative to the output folder when inside it (so
+    `daco report` finds it wherever it runs and after the folder moves), else absolute."""
+    if fileio.is_remote(path) or fileio.is_remote(out):
+        prefix = out.rstrip("/") + "/"
+        return path[len(prefix):] if path.startswith(prefix) else path
+    path, base = os.path.abspath(path), os.path.abspath(out)
+    return os.path.relpath(path, base) if path.startswith(base + os.sep) else path
+
+
+def _run_phases(cfg: BuildConfig, out: str, shards_pattern: str | None, embeddings_dir: str | None,
+                beam_args: list[str]) -> int:
     from transforms.write import write_dataset_card, write_metadata
     from transforms.wordnet import find_wordnet
 
@@ -135,9 +171,13 @@ def run_build(cfg: BuildConfig, out: str, shards_pattern: str | None, embeddings
         raise SystemExit(f"--embeddings {embeddings_dir}: no clip-retrieval layout there "
                          "(img_emb/, text_emb/, metadata/); drop the option to compute embeddings")
     _step("checking the MLLM and its layers")
-    mllm_info = activations.check_model(cfg.mllm)
+    try:
+        mllm_info = activations.check_model(cfg.mllm)
+    except ValueError as exc:  # a layer the model lacks, a token cap above its context: one line
+        raise SystemExit(f"daco build: mllm: {exc}") from None
     clip = embed.load_clip(cfg.clip)
 
+    outdir.mark_incomplete(out, "daco build")
     _step("phase 1/4: concepts")
     counters = run_pipeline(
         lambda p: p | "SelectConcepts" >> concepts.SelectConcepts(cfg.concepts)
@@ -145,13 +185,8 @@ def run_build(cfg: BuildConfig, out: str, shards_pattern: str | None, embeddings
     concepts_path = fileio.join(out, "concepts.parquet")
 
     if not shards_pattern:
-        from transforms.corpus import build_corpus
-
         _step(f"phase 2/4: embedded corpus ({cfg.corpus.n} pairs, img2dataset over 127.0.0.1)")
-        corpus_dir = str(Path(out) / "corpus")
-        build_corpus(corpus_dir, n=cfg.corpus.n, concepts_path=concepts_path, seed=cfg.corpus.seed,
-                     image_size=cfg.corpus.image_size, wordnet_dir=cfg.concepts.wordnet_dir)
-        shards_pattern = str(Path(corpus_dir) / "shards" / "*.tar")
+        shards_pattern = _build_corpus(cfg, out, concepts_path)
 
     _step("phase 3/4: concept text embeddings")
     table = fileio.read_parquet(concepts_path)
@@ -178,9 +213,10 @@ def run_build(cfg: BuildConfig, out: str, shards_pattern: str | None, embeddings
                   "retrieve": cfg.retrieve.seed},
         "config_source": cfg.source,
         "config": {name: dataclasses.asdict(getattr(cfg, name)) for name in SECTIONS},
-        "shards": shards_pattern, "embeddings": emb_dir, "counters": dict(sorted(counters.items())),
+        "shards": relative_to(shards_pattern, out), "embeddings": relative_to(emb_dir, out), "counters": dict(sorted(counters.items())),
     })
     write_dataset_card(out, metadata)
+    outdir.mark_complete(out)
     ok = print_summary("daco build", counters, reconciliations())
     print(f"\nDACO-400K output in {out}: concepts.parquet, stimuli/, dictionary/, metadata.json, README.md"
           + ("\nWARNING: models were randomly initialised (untrained): the directions are not meaningful."

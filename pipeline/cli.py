@@ -47,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     module = args._module
     if extra and not getattr(module, "BEAM_OPTIONS", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if any(str(a).startswith("gs://") or "=gs://" in str(a) for a in (argv if argv is not None else sys.argv[1:])):
+        from transforms.fileio import settle_gcs_auth
+
+        settle_gcs_auth(log=lambda message: print(f"[daco] {message}", file=sys.stderr, flush=True))
     return int(module.run(args, extra) or 0)
 
 

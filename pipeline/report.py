@@ -106,11 +106,11 @@ class LayerStats(NamedTuple):
 
 
 class Report(NamedTuple):
-    """What :func:`make_report` wrote."""
-    index: Path                 #: OUT/report/index.html
-    layer: int                  #: the layer of the concept map
-    figures: dict[str, Path]    #: name -> PNG path (concept_map, layer_stats)
-    gallery_pages: list[Path]   #: every gallery page
+    """What :func:`make_report` wrote: local Paths, or URL strings for a remote folder."""
+    index: Path | str                   #: OUT/report/index.html
+    layer: int                          #: the layer of the concept map
+    figures: dict[str, Path | str]      #: name -> PNG path (concept_map, layer_stats)
+    gallery_pages: list[Path | str]     #: every gallery page
     thumbs_written: int         #: thumbnails made by this run
     thumbs_reused: int          #: thumbnails already there from an earlier run
     thumbs_missing: int         #: stimuli shown without an image (shard or image not found)
@@ -119,7 +119,8 @@ class Report(NamedTuple):
 @dataclass
 class _Folder:
     """The parts of an output folder the report reads."""
-    root: Path
+    root: Path                          # the local folder read (a temporary copy for a remote one)
+    source: str                         # where the folder lives (local path or gs:// URL)
     metadata: dict
     concepts: dict[str, dict]           # concept_id -> concepts.parquet row
     layer_files: dict[int, Path]        # layer -> dictionary file
@@ -127,7 +128,7 @@ class _Folder:
 
 # --------------------------------------------------------------------------- reading
 
-def _read_folder(out_dir: Path) -> _Folder:
+def _read_folder(out_dir: Path, source: str) -> _Folder:
     meta_path, concepts_path = out_dir / "metadata.json", out_dir / "concepts.parquet"
     if not out_dir.is_dir():
         raise ReportError(f"{out_dir}: not a directory; pass the output folder of `daco build`")
@@ -138,26 +139,34 @@ def _read_folder(out_dir: Path) -> _Folder:
         metadata = json.loads(meta_path.read_text())
     except json.JSONDecodeError as exc:
         raise ReportError(f"{meta_path}: not valid JSON ({exc}); re-run `daco build`") from None
-    concepts = {r["concept_id"]: r for r in pq.read_table(concepts_path).to_pylist()}
+    concepts = {r["concept_id"]: r for r in _read_table(concepts_path).to_pylist()}
     evidence_path = out_dir / "retrieve_evidence.parquet"  # each concept's retrieval evidence (docs/concepts.md)
     if evidence_path.is_file():
-        for row in pq.read_table(evidence_path).to_pylist():
+        for row in _read_table(evidence_path).to_pylist():
             concepts.setdefault(row["concept_id"], {"concept_id": row["concept_id"]})["evidence"] = row
     layer_files = {}
     for path in sorted((out_dir / "dictionary").glob("*.parquet")):
-        for layer in set(pq.read_table(path, columns=["layer"]).column("layer").to_pylist()):
+        for layer in set(_read_table(path, columns=["layer"]).column("layer").to_pylist()):
             if layer in layer_files:
                 raise ReportError(f"{path}: layer {layer} also appears in {layer_files[layer]}; "
                                   "one file per layer is expected (transforms.write.WriteDictionary)")
             layer_files[int(layer)] = path
     if not layer_files:
         raise ReportError(f"{out_dir / 'dictionary'}: no dictionary/*.parquet files; run `daco build` first")
-    return _Folder(out_dir, metadata, concepts, layer_files)
+    return _Folder(out_dir, source, metadata, concepts, layer_files)
+
+
+def _read_table(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
+    """A parquet table; a damaged file is a ReportError naming it."""
+    try:
+        return pq.read_table(path, columns=columns)
+    except (pa.ArrowException, OSError) as exc:
+        raise ReportError(f"{path}: not a readable parquet file ({exc}); re-run `daco build`") from None
 
 
 def _read_layer(path: Path, layer: int) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(concept_ids, directions float32 [n, d], norms) of ``layer`` in one dictionary file."""
-    table = pq.read_table(path, columns=["concept_id", "layer", "direction", "norm"])
+    table = _read_table(path, columns=["concept_id", "layer", "direction", "norm"])
     table = table.filter(np.asarray(table.column("layer").to_numpy()) == layer)
     column = table.column("direction").combine_chunks()
     if not pa.types.is_fixed_size_list(column.type):
@@ -165,13 +174,17 @@ def _read_layer(path: Path, layer: int) -> tuple[list[str], np.ndarray, np.ndarr
                           "(DESIGN.md); rewrite it with steering.dictionary.write_dictionary_parquet")
     values = np.asarray(column.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
     mat = values.reshape(len(table), column.type.list_size)
+    bad = np.flatnonzero(~np.isfinite(mat).all(axis=1))
+    if len(bad):
+        raise ReportError(f"{path}: {len(bad)} direction(s) at layer {layer} contain NaN/inf, e.g. "
+                          f"{table.column('concept_id')[int(bad[0])]}; re-run `daco build`")
     return table.column("concept_id").to_pylist(), mat, np.asarray(table.column("norm").to_numpy(), np.float32)
 
 
 def _read_stimuli(out_dir: Path) -> list[dict]:
     rows = []
     for path in sorted((out_dir / "stimuli").glob("*.parquet")):
-        rows += fileio.read_parquet(str(path)).to_pylist()
+        rows += _read_table(path).to_pylist()
     return rows
 
 
@@ -352,10 +365,13 @@ def map_svg(coords: np.ndarray, ids: Sequence[str], groups: Sequence[str], undes
 # --------------------------------------------------------------------------- thumbnails
 
 def _shard_paths(folder: _Folder) -> dict[str, str]:
-    """Shard name -> path, from metadata's ``shards`` pattern or OUT/corpus/shards/*.tar ({} if none)."""
+    """Shard name -> path, from metadata's ``shards`` pattern (a relative one is relative to the
+    output folder, wherever the build ran) or OUT/corpus/shards/*.tar ({} if none)."""
     from transforms.shards import ShardsNotFound, match_shards, shard_name
 
-    pattern = folder.metadata.get("shards") or str(folder.root / "corpus" / "shards" / "*.tar")
+    pattern = folder.metadata.get("shards") or "corpus/shards/*.tar"
+    if not fileio.is_remote(pattern) and not Path(pattern).is_absolute():
+        pattern = fileio.join(folder.source, pattern)
     try:
         return {shard_name(p): p for p in match_shards(pattern)}
     except (ShardsNotFound, OSError, ValueError):
@@ -598,16 +614,44 @@ def update_card_figures(out_dir: str | Path, figures: dict[str, str]) -> str:
 
 # --------------------------------------------------------------------------- entry point
 
+#: What the report reads from a remote output folder (copied to a temporary folder first).
+REPORT_INPUTS = ("metadata.json", "concepts.parquet", "README.md", "dictionary/*.parquet", "stimuli/*.parquet",
+                 "deadletter/*.jsonl", "report/thumbs/*/*.jpg")
+
+
 def make_report(out_dir: str | Path, concept_ids: Sequence[str] | None = None, layer: int | None = None,
                 update_card: bool = True) -> Report:
-    """Write the HTML report of a local output folder into ``OUT/report/`` (see the module docstring).
+    """Write the HTML report of an output folder into ``OUT/report/`` (see the module docstring).
 
     ``concept_ids`` limits the gallery to those concepts (the map and statistics keep every
     concept); ``layer`` picks the map's layer (default: the middle layer of the dictionary).
     ``update_card`` adds the figures to OUT/README.md. Unknown concepts or layers raise
-    KeyError / :class:`ReportError` before anything is written.
+    KeyError / :class:`ReportError` before anything is written. A remote folder (gs://) is
+    read into a temporary local copy (:data:`REPORT_INPUTS`), and the report and card are
+    copied back.
     """
-    folder = _read_folder(Path(out_dir))
+    out = str(out_dir)
+    if not fileio.is_remote(out):
+        return _make_report(Path(out), out, concept_ids, layer, update_card)
+    out = out.rstrip("/")
+    with fileio.local_folder(out, REPORT_INPUTS) as local:
+        try:
+            report = _make_report(local, out, concept_ids, layer, update_card)
+        except ReportError as exc:
+            raise ReportError(str(exc).replace(str(local), out)) from None
+        fileio.upload_tree(local / "report", fileio.join(out, "report"))
+        if update_card:
+            fileio.write_bytes_atomic(fileio.join(out, "README.md"), (local / "README.md").read_bytes())
+
+        def remote(path: Path) -> str:
+            return fileio.join(out, *path.relative_to(local).parts)
+
+        return report._replace(index=remote(report.index), figures={k: remote(v) for k, v in report.figures.items()},
+                               gallery_pages=[remote(p) for p in report.gallery_pages])
+
+
+def _make_report(local: Path, source: str, concept_ids, layer, update_card) -> Report:
+    folder = _read_folder(local, source)
     layers = sorted(folder.layer_files)
     if layer is None:
         layer = layers[(len(layers) - 1) // 2]

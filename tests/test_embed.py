@@ -100,6 +100,16 @@ def test_model_and_untrained_flag_recorded(runs):
     assert record["model_name"] == "daco-tiny-clip" and record["weights"] == "random (seed 0)"
     assert record["embed_dim"] == 64 and record["n"] == len(GOOD)
     assert [s["shard"] for s in record["shards"]] == ["00000", "00003"]
+    assert record["clip_model"] == "open_clip:daco-tiny-clip"  # random weights: no pretrained tag to name
+
+
+def test_clip_model_is_named_as_clip_retrieval_back_expects():
+    from transforms.embed import ClipConfig, clip_retrieval_name
+
+    tagged = ClipConfig(model_name="ViT-L-14", pretrained="laion2b_s32b_b82k")
+    resolved = tagged.replace(pretrained="/cache/open_clip_pytorch_model.bin")
+    assert clip_retrieval_name(tagged, resolved) == "open_clip:ViT-L-14/laion2b_s32b_b82k"
+    assert clip_retrieval_name(tagged, tagged.replace(pretrained=None, allow_untrained=True)) == "open_clip:ViT-L-14"
 
 
 def test_bad_records_dead_lettered_counted_and_reconciled(runs):

@@ -206,3 +206,28 @@ def test_read_results_refuses_a_damaged_middle_line(tmp_path):
     path.write_text('{"method": "none", "benchmark": "b", "item_id": "1"}\nnot json\n{"method": "none"}\n')
     with pytest.raises(EvalError, match="line 2 is not valid JSON"):
         read_results(path)
+
+
+def test_an_unreadable_image_is_dead_lettered_and_skipped_on_resume(tmp_path, capsys):
+    bench = write_mmbench(tmp_path / "mmbench" / "mmbench_dev_20230712.tsv")
+    rows = bench.read_text().splitlines()
+    rows[1] = "\t".join("bm90IGFuIGltYWdl" if len(cell) > 1000 else cell for cell in rows[1].split("\t"))  # item 0
+    bench.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    args = ["eval", "--model", "untrained:qwen2_vl", "--methods", "none,prompting", "--bench", f"mmbench:{bench}",
+            "--max-new-tokens", "2", "--out", str(out)]
+    assert daco(args) == 0
+    assert "2 generated, 0 already done, 2 dead-lettered" in capsys.readouterr().out
+    dead = read_results(out / "deadletter.jsonl")
+    assert sorted((r["method"], r["item_id"]) for r in dead) == [("none", "0"), ("prompting", "0")]
+    assert all("image unreadable" in r["reason"] for r in dead)
+    assert json.loads((out / "metrics.json").read_text())["complete"] is True
+
+    results = out / "results.jsonl"
+    results.write_text(results.read_text() * 2)  # what two writers appending to one file leave
+    assert daco(args) == 0  # the resume neither aborts on the bad image nor retries it
+    assert "0 generated, 4 already done, 2 dead-lettered" in capsys.readouterr().out
+    assert len(read_results(out / "deadletter.jsonl")) == 2
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["complete"] is True and metrics["dead_letters"] == 2
+    assert metrics["overall"]["none"]["n"] == 1  # each result counted once

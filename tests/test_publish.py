@@ -59,6 +59,25 @@ def _write_nan_direction(path):
     pq.write_table(table.set_column(table.column_names.index("direction"), "direction", column), path)
 
 
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _mark_incomplete(folder):
+    """What an interrupted rebuild leaves: the marker a build writes first and removes last."""
+    from transforms.outdir import mark_incomplete
+
+    mark_incomplete(str(folder), "daco build")
+
+
+def _link_outside(folder, path):
+    """Replace ``path`` by a symbolic link to a copy of it outside the folder (publish would upload that)."""
+    outside = folder.parent / f"outside-{path.name}"
+    (shutil.copytree if path.is_dir() else shutil.copy)(path, outside)
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    path.symlink_to(outside)
+
+
 @pytest.mark.parametrize("damage, named", [
     (lambda f: _write_nan_direction(f / "dictionary" / "layer_016.parquet"), "layer_016.parquet"),
     (lambda f: (f / "stimuli" / "stimuli-00000-of-00001.parquet").unlink(), "stimuli/*.parquet: missing"),
@@ -68,6 +87,11 @@ def _write_nan_direction(path):
      "counts.directions is 7"),
     (lambda f: pq.write_table(pq.read_table(f / "concepts.parquet").drop_columns(["polarity"]), f / "concepts.parquet"),
      "concepts.parquet: missing column(s) ['polarity']"),
+    (lambda f: _truncate(f / "dictionary" / "layer_015.parquet"), "layer_015.parquet: not a readable parquet file"),
+    (lambda f: _truncate(f / "stimuli" / "stimuli-00000-of-00001.parquet"), "stimuli-00000-of-00001.parquet: not a readable"),
+    (lambda f: _mark_incomplete(f), "_INCOMPLETE: `daco build` started"),
+    (lambda f: _link_outside(f, f / "deadletter" / "directions.jsonl"), "directions.jsonl: a symbolic link"),
+    (lambda f: _link_outside(f, f / "stimuli"), "stimuli: a symbolic link"),
 ])
 def test_a_bad_folder_is_refused_with_the_file_and_the_reason(folder, no_network, capsys, damage, named):
     damage(folder)

@@ -67,8 +67,15 @@ def test_card_declares_configs_features_licence_and_warns_when_untrained(dataset
 def test_datasets_reads_every_config_back_offline(dataset_folder, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import io
+    import logging
+
     import datasets
     import huggingface_hub.constants
+
+    logged = io.StringIO()  # the card's splits carry num_bytes, so `datasets` has nothing to warn about
+    handler = logging.StreamHandler(logged)
+    logging.getLogger("datasets").addHandler(handler)
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     dictionary = datasets.load_dataset(str(dataset_folder), "dictionary", split="train", cache_dir=str(tmp_path))
@@ -80,6 +87,8 @@ def test_datasets_reads_every_config_back_offline(dataset_folder, tmp_path, monk
     assert len(datasets.load_dataset(str(dataset_folder), "concepts", split="train", cache_dir=str(tmp_path))) == 4
     stimuli = datasets.load_dataset(str(dataset_folder), "stimuli", split="train", cache_dir=str(tmp_path))
     assert len(stimuli) == 16 and set(stimuli["role"]) == {"positive", "negative"}
+    logging.getLogger("datasets").removeHandler(handler)
+    assert "dataset_info" not in logged.getvalue(), logged.getvalue()
 
 
 def test_validation_accepts_the_good_folder_and_lists_what_to_upload(dataset_folder):

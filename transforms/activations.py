@@ -7,7 +7,7 @@ positions (``mean`` / ``caption`` / ``last``, see steering/capture.py), with a
 forward that stops after the deepest hooked layer. Model-family specifics live in
 the adapters (steering/models/); nothing here branches on a model name.
 
-Beam graph: stimuli rows and shard records are joined by key (one element per
+Beam graph: stimuli rows and shard records are joined by (shard, key) (one element per
 distinct image), cut into batches fixed by the data alone (:func:`transforms.batching.fixed_batches`), a
 ``RunInference`` stage with :class:`MLLMActivationHandler`
 (one model per worker process; one per GPU, shared across processes, on GPU
@@ -17,7 +17,9 @@ role) that uses the stimulus, keyed as the directions stage expects:
 
 Counters (namespace ``activations``): ``stimuli`` (stimulus rows read),
 ``images`` (distinct images run), ``deadletter_missing_record`` (a stimulus whose
-key no shard holds), ``deadletter_inference`` (a stimulus whose image the model
+(shard, key) no shard holds), ``duplicate_records`` (extra records under one (shard, key)),
+``deadletter_ambiguous_record`` (a stimulus whose (shard, key) holds different records),
+``deadletter_too_long`` (a stimulus over ``mllm.max_tokens``), ``deadletter_inference`` (a stimulus whose image the model
 failed on, after retrying it alone), ``stimuli_emitted`` (stimulus rows whose
 vectors went out) and ``emitted`` (vectors out: one per emitted row and layer).
 """
@@ -63,6 +65,11 @@ class MLLMConfig(StageConfig):
         trust_remote_code: passed to ``from_pretrained`` only when set.
         accelerator: Beam accelerator resource hint put on the RunInference step only
             (e.g. "type:nvidia-l4;count:1;install-nvidia-driver"); None: no hint (local runs).
+        max_tokens: the most text tokens (the prompt template with the caption) a stimulus may
+            have; a longer one is dead-lettered (``too_long``) instead of run, since a forward's
+            cost grows with the square of its length. None: the model's text context, at most
+            :data:`DEFAULT_MAX_TOKENS`; a value above the context is an error. Image tokens
+            are bounded by the processor's resolution settings.
     """
 
     model_id: str | None = None
@@ -76,8 +83,11 @@ class MLLMConfig(StageConfig):
     seed: int = 0
     trust_remote_code: bool = False
     accelerator: str | None = None
+    max_tokens: int | None = None
 
     def validate(self, where: str) -> None:
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"{where}.max_tokens must be >= 1 (or null: the model's context), got {self.max_tokens}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"{where}.pooling: {self.pooling!r} is not one of {POOLINGS}")
         if self.batch_size < 1:
@@ -96,13 +106,32 @@ class MLLMConfig(StageConfig):
         return self.family
 
 
+DEFAULT_MAX_TOKENS = 2048
+"""``mllm.max_tokens`` when unset: the model's context, but no more than this (captions are
+tens of tokens; one of thousands is an error in the corpus, not a stimulus)."""
+
+
+def token_cap(cfg: MLLMConfig, model) -> int:
+    """The text-token cap of a stimulus for ``model`` (see ``MLLMConfig.max_tokens``); a configured
+    cap above the model's context is a ValueError naming the option."""
+    text_config = getattr(model.config, "text_config", model.config)
+    context = getattr(text_config, "max_position_embeddings", None)
+    if cfg.max_tokens is None:
+        return min(DEFAULT_MAX_TOKENS, context or DEFAULT_MAX_TOKENS)
+    if context and cfg.max_tokens > context:
+        raise ValueError(f"mllm.max_tokens: {cfg.max_tokens} is above the model's context of {context} tokens; "
+                         f"set it to {context} or lower (or null)")
+    return cfg.max_tokens
+
+
 @dataclass
 class LoadedMLLM:
-    """A loaded model with its processor and adapter (a class, so Beam can share it by weak reference)."""
+    """A loaded model with its processor, adapter and token cap (a class, so Beam can share it by weak reference)."""
 
     model: Any
     processor: Any
     adapter: Any
+    max_tokens: int
 
     def __iter__(self):
         return iter((self.model, self.processor, self.adapter))
@@ -124,7 +153,7 @@ def load_mllm(cfg: MLLMConfig) -> LoadedMLLM:
         model, processor = adapter.build_untrained(cfg.seed, **cfg.untrained_size)
         model = model.to(device=device, dtype=default_dtype(device))  # bf16 on GPU, fp32 on CPU
     adapter.check_layers(model, cfg.layers)
-    return LoadedMLLM(model, processor, adapter)
+    return LoadedMLLM(model, processor, adapter, token_cap(cfg, model))
 
 
 def _architecture(cfg: MLLMConfig):
@@ -139,6 +168,7 @@ def _architecture(cfg: MLLMConfig):
     with torch.device("meta"):
         model = getattr(transformers, adapter.model_class_name)(config)
     adapter.check_layers(model, cfg.layers)
+    token_cap(cfg, model)
     return model, adapter
 
 
@@ -161,15 +191,30 @@ def check_model(cfg: MLLMConfig) -> dict:
         "pooling": cfg.pooling,
         "prompt_template": cfg.prompt_template,
         "seed": cfg.seed,
+        "max_tokens": token_cap(cfg, model),
     }
 
 
-def pooled_activations(model, processor, adapter, cfg: MLLMConfig, stimuli: Sequence[tuple[bytes, str]]) -> list[dict]:
+def text_tokens(processor, prompt_template: str, caption: str) -> int | None:
+    """Tokens of the prompt template with ``caption`` in it (the processor's tokenizer, no special
+    tokens); None for a model whose processor has no tokenizer (nothing to cap)."""
+    from steering.models.base import split_template
+
+    before, after = split_template(prompt_template)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if not callable(tokenizer):
+        return None
+    return len(tokenizer(before + caption + after, add_special_tokens=False)["input_ids"])
+
+
+def pooled_activations(model, processor, adapter, cfg: MLLMConfig, stimuli: Sequence[tuple[bytes, str]],
+                       max_tokens: int | None = None) -> list[dict]:
     """Pooled vectors ``{layer: float32 array}`` for (image bytes, caption) stimuli, in input order.
 
-    Stimuli are sorted by caption length and run ``batch_size`` at a time (less padding);
-    a batch that fails is retried one stimulus at a time, and a stimulus that still fails
-    gets ``{"error": message}`` instead of vectors.
+    A stimulus with more than ``max_tokens`` text tokens (:func:`text_tokens`) is not run: it
+    gets ``{"error": message, "reason": "too_long"}``. The others are sorted by caption length
+    and run ``batch_size`` at a time (less padding); a batch that fails is retried one stimulus
+    at a time, and a stimulus that still fails gets ``{"error": message}`` instead of vectors.
     """
     from PIL import Image
 
@@ -183,8 +228,14 @@ def pooled_activations(model, processor, adapter, cfg: MLLMConfig, stimuli: Sequ
         pooled = capture(model, adapter, inputs, cfg.layers, cfg.pooling)
         return [{layer: pooled[layer][j].float().cpu().numpy() for layer in pooled} for j in range(len(indices))]
 
-    order = sorted(range(len(stimuli)), key=lambda i: (len(stimuli[i][1]), i))
     results: list[dict | None] = [None] * len(stimuli)
+    if max_tokens is not None:
+        for i, (_image, caption) in enumerate(stimuli):
+            n = text_tokens(processor, cfg.prompt_template, caption)
+            if n is not None and n > max_tokens:
+                results[i] = {"error": f"{n:,} text tokens (caption of {len(caption):,} characters), above the "
+                                       f"cap mllm.max_tokens={max_tokens}", "reason": "too_long"}
+    order = sorted((i for i in range(len(stimuli)) if results[i] is None), key=lambda i: (len(stimuli[i][1]), i))
     for start in range(0, len(order), cfg.batch_size):
         chunk = order[start:start + cfg.batch_size]
         try:
@@ -211,7 +262,8 @@ class MLLMActivationHandler(ModelHandler):
 
     def run_inference(self, batch: Sequence, model, inference_args=None) -> Iterable[PredictionResult]:
         # each example is one fixed batch (see fixed_batches): a tuple of (image bytes, caption)
-        return [PredictionResult(example, pooled_activations(*model, self.cfg, list(example))) for example in batch]
+        return [PredictionResult(example, pooled_activations(*model, self.cfg, list(example), model.max_tokens))
+                for example in batch]
 
     def batch_elements_kwargs(self):
         # the batches are formed upstream from the data alone; RunInference must not regroup them
@@ -227,8 +279,8 @@ class MLLMActivationHandler(ModelHandler):
         return "activations_inference"
 
 
-def _by_caption_length(element) -> tuple[int, str]:
-    """Batch order of a stimulus image: caption length (less padding), then key."""
+def _by_caption_length(element) -> tuple[int, tuple[str, str]]:
+    """Batch order of a stimulus image: caption length (less padding), then (shard, key)."""
     (key, _uses), (_image, caption) = element
     return len(caption), key
 
@@ -245,25 +297,39 @@ def _unbatch(element):
 
 
 class _JoinStimuli(beam.DoFn):
-    """(key, {records, uses}) -> ((key, uses), (image, caption)) once per distinct image."""
+    """((shard, key), {records, uses}) -> ((shard, key), uses), (image, caption) once per distinct image.
+
+    Keys are joined with their shard: separate img2dataset runs reuse keys. Several records of
+    one (shard, key) (a shard written twice) are counted ``duplicate_records``; one is kept when
+    they hold the same image and caption, else the stimuli using them are dead-lettered
+    (``ambiguous_record``), never mixed."""
 
     def __init__(self):
         self.images = Metrics.counter(NAMESPACE, "images")
+        self.duplicates = Metrics.counter(NAMESPACE, "duplicate_records")
 
     def process(self, element):
-        key, grouped = element
+        (shard, key), grouped = element
         uses = sorted(set(grouped["uses"]))
         records = list(grouped["records"])
         if not uses:
             return
         if not records:
-            for concept_id, role, shard in uses:
+            for concept_id, role in uses:
                 yield dead_letter(NAMESPACE, shard, key, "missing_record",
-                                  f"stimulus of {concept_id} ({role}) names a key that no shard holds")
+                                  f"stimulus of {concept_id} ({role}) names a key that shard {shard!r} does not hold")
             return
+        if len(records) > 1:
+            self.duplicates.inc(len(records) - 1)
+            if len({(r["jpg"], r["caption"]) for r in records}) > 1:
+                for concept_id, role in uses:
+                    yield dead_letter(NAMESPACE, shard, key, "ambiguous_record",
+                                      f"stimulus of {concept_id} ({role}): shard {shard!r} holds {len(records)} "
+                                      "different records with this key")
+                return
         record = records[0]
         self.images.inc()
-        yield (key, tuple(uses)), (record["jpg"], record["caption"])
+        yield ((shard, key), tuple(uses)), (record["jpg"], record["caption"])
 
 
 class _EmitVectors(beam.DoFn):
@@ -277,14 +343,15 @@ class _EmitVectors(beam.DoFn):
         self.progress = ProgressLog(NAMESPACE, "images")
 
     def process(self, element):
-        (key, uses), result = element
+        ((shard, key), uses), result = element
         self.progress.update()
         vectors = result.inference
         if "error" in vectors:
-            for concept_id, role, shard in uses:
-                yield dead_letter(NAMESPACE, shard, key, "inference", f"{concept_id} ({role}): {vectors['error']}")
+            reason = vectors.get("reason", "inference")
+            for concept_id, role in uses:
+                yield dead_letter(NAMESPACE, shard, key, reason, f"{concept_id} ({role}): {vectors['error']}")
             return
-        for concept_id, role, _shard in uses:
+        for concept_id, role in uses:
             self.kept.inc()
             for layer, vector in sorted(vectors.items()):
                 self.emitted.inc()
@@ -305,19 +372,19 @@ class ComputeActivations(beam.PTransform):
 
         def use(row):
             stimuli_count.inc()
-            return row["key"], (row["concept_id"], row["role"], row.get("shard", ""))
+            return (row.get("shard", ""), row["key"]), (row["concept_id"], row["role"])
 
         uses = inputs["stimuli"] | "KeyStimuli" >> beam.Map(use)
-        records = inputs["records"] | "KeyRecords" >> beam.Map(lambda r: (r["key"], r))
+        records = inputs["records"] | "KeyRecords" >> beam.Map(lambda r: ((r["shard"], r["key"]), r))
         joined = (
             {"records": records, "uses": uses}
-            | "JoinByKey" >> beam.CoGroupByKey()
+            | "JoinByShardKey" >> beam.CoGroupByKey()
             | "OnePerImage" >> beam.ParDo(_JoinStimuli()).with_outputs(DEAD, main="images")
         )
         handler = KeyedModelHandler(MLLMActivationHandler(self.cfg))
         vectors = (
             joined.images
-            | "BatchGroup" >> beam.Map(lambda e: (batch_group(e[0][0]), e))
+            | "BatchGroup" >> beam.Map(lambda e: (batch_group("/".join(e[0][0])), e))
             | "GroupForBatches" >> beam.GroupByKey()
             | "FixedBatches" >> beam.FlatMap(fixed_batches, 4 * self.cfg.batch_size, _by_caption_length)
             | "SplitBatches" >> beam.Map(_split_batch)
@@ -333,5 +400,7 @@ class ComputeActivations(beam.PTransform):
         return vectors.vectors
 
 
-RECONCILIATION = Reconciliation(NAMESPACE, "stimuli", ("deadletter_missing_record", "deadletter_inference", "stimuli_emitted"))
-"""Every stimulus row is dead-lettered (no image / the model failed on it) or emitted (once per layer)."""
+RECONCILIATION = Reconciliation(NAMESPACE, "stimuli", ("deadletter_missing_record", "deadletter_ambiguous_record",
+                                                       "deadletter_too_long", "deadletter_inference", "stimuli_emitted"))
+"""Every stimulus row is dead-lettered (no image, two different images under its (shard, key),
+over the token cap, the model failed on it) or emitted (once per layer)."""

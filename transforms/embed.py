@@ -6,7 +6,7 @@ Layout written (the one LAION publishes its embeddings in; N is the shard's inde
     embeddings/img_emb/img_emb_{N}.npy         float16 [rows, D], L2-normalised
     embeddings/text_emb/text_emb_{N}.npy       float16 [rows, D], L2-normalised
     embeddings/metadata/metadata_{N}.parquet   key, caption, url, shard, sha256 (of the image bytes)
-    embeddings/embeddings.json                 model, weights, untrained, embed_dim, counts
+    embeddings/embeddings.json                 model (clip_model: clip-retrieval's name), weights, untrained, embed_dim, counts
     deadletter/embed.jsonl                     records whose image or caption could not be prepared
 
 Steps, each counted in namespace ``embed``: ``read`` records; an image that does not
@@ -500,12 +500,21 @@ def weights_label(resolved: ClipConfig) -> str:
     return resolved.pretrained or f"random (seed {resolved.seed})"
 
 
+def clip_retrieval_name(cfg: ClipConfig, resolved: ClipConfig) -> str:
+    """The model as clip-retrieval's ``back --clip_model`` names it: ``open_clip:ARCH/TAG`` (e.g.
+    ``open_clip:ViT-L-14/laion2b_s32b_b82k``); a local checkpoint or random weights have no tag,
+    so only ``open_clip:ARCH``."""
+    tag = cfg.pretrained if cfg.pretrained and resolved.pretrained and "/" not in cfg.pretrained else None
+    return f"open_clip:{cfg.model_name}" + (f"/{tag}" if tag else "")
+
+
 def embeddings_record(cfg: ClipConfig, resolved: ClipConfig, shards: list[dict]) -> dict:
     """The content of ``embeddings.json``: which model made the embeddings, and what they hold."""
     import open_clip
 
     return {
         "layout": "clip-retrieval",
+        "clip_model": clip_retrieval_name(cfg, resolved),
         "model_name": cfg.model_name,
         "pretrained": cfg.pretrained,
         "weights": weights_label(resolved),

@@ -38,7 +38,8 @@ above, computed whatever ``similarity`` is; ``min_evidence`` null: every candida
 Only evidence can be a positive. A concept with fewer than ``min_positives`` evidence pairs
 is absent from the corpus: dead-lettered (reason ``absent``), no rows.
 
-Positives: walking the ranked evidence pairs, a pair is skipped when its key or its image
+Positives: walking the ranked evidence pairs, a pair is skipped when its (shard, key) (keys
+alone repeat across img2dataset runs) or its image
 hash (``sha256`` in the metadata, when present) was already taken for this concept (the
 best-scoring occurrence wins, counted ``dedup_key`` / ``dedup_image``), and when its
 score exceeds ``max_score`` (if set). The first ``k`` are the positives, ``rank`` 0..k-1.
@@ -55,9 +56,9 @@ min_positives, bad_embedding, reserve_unused), rank, evidence count and best z p
 Negatives (deterministic): one seeded pool of ``negative_pool`` pairs shared by every
 concept (depends on ``seed`` only). For concept c the eligible pairs are the pool pairs
 whose score is at least the ``1 - negative_quantile`` quantile of the pool's scores for c
-(the farthest ``negative_quantile`` of the pool), minus every pair sharing a key or an
-image hash with one of c's positives. They are visited in a permutation seeded by
-``(seed, concept_id)``, deduplicated by key and image hash, and the first
+(the farthest ``negative_quantile`` of the pool), minus every pair sharing a (shard, key) or
+an image hash with one of c's positives. They are visited in a permutation seeded by
+``(seed, concept_id)``, deduplicated by (shard, key) and image hash, and the first
 ``n_negatives`` are taken; their ``rank`` orders them by ``(score, key)``.
 
 Exact similarities are computed in float64 from the stored (float16) embeddings, over
@@ -372,6 +373,7 @@ class PairIndex:
         columns = {name: metadata.column(name).to_pylist() for name in metadata.column_names}
         self.keys = [str(k) for k in columns["key"]]
         self.captions, self.urls, self.shards = columns["caption"], columns["url"], columns["shard"]
+        self.ids = [f"{shard}/{key}" for shard, key in zip(self.shards, self.keys)]  # keys repeat across img2dataset runs
         self.hashes = columns.get("sha256") or [None] * self.n
         self.concepts = concepts
         self.img_index = build_index(self.img, cfg)
@@ -379,6 +381,7 @@ class PairIndex:
         pool_size = min(cfg.negative_pool, self.n)
         self.pool = np.sort(np.random.default_rng([cfg.seed, 2]).choice(self.n, pool_size, replace=False))
         self.pool_keys = [self.keys[i] for i in self.pool]
+        self.pool_ids = [self.ids[i] for i in self.pool]
         self.pool_hashes = [self.hashes[i] for i in self.pool]
         self.pool_img = self.img[self.pool].astype(np.float64)
         self.pool_txt = self.txt[self.pool].astype(np.float64)
@@ -465,11 +468,12 @@ def rank_concept(pairs: PairIndex, concept_id: str, query: np.ndarray, candidate
     facts = {"n_evidence": int(evident.sum()), "best_z_img": float(z_img.max(initial=-np.inf)),
              "best_z_txt": float(z_txt.max(initial=-np.inf))}
     keys = [pairs.keys[i] for i in cands]
+    ids = [pairs.ids[i] for i in cands]
     hashes = [pairs.hashes[i] for i in cands]
     order = sorted(np.flatnonzero(evident), key=lambda j: (dist[j], keys[j]))
-    pos_keys, pos_hashes = set(), set()
+    pos_ids, pos_hashes = set(), set()
     within = (lambda j: dist[j] <= cfg.max_score) if cfg.max_score is not None else (lambda j: True)
-    positives, dedup_key, dedup_image = _take_unique(order, keys, hashes, cfg.k, pos_keys, pos_hashes, within)
+    positives, dedup_key, dedup_image = _take_unique(order, ids, hashes, cfg.k, pos_ids, pos_hashes, within)
     if len(positives) < cfg.min_positives:
         if facts["n_evidence"] < cfg.min_positives:
             return ConceptResult(concept_id, [], "absent",
@@ -488,8 +492,8 @@ def rank_concept(pairs: PairIndex, concept_id: str, query: np.ndarray, candidate
                                                calib_img, calib_txt)
     eligible = np.flatnonzero(p_dist >= np.quantile(p_dist, 1.0 - cfg.negative_quantile))
     drawn = eligible[concept_rng(cfg.seed, concept_id).permutation(len(eligible))]
-    # starting from the positives' keys and hashes excludes them, and any duplicate of them
-    negatives, _, _ = _take_unique(drawn, pairs.pool_keys, pairs.pool_hashes, cfg.n_negatives, pos_keys, pos_hashes)
+    # starting from the positives' (shard, key)s and hashes excludes them, and any duplicate of them
+    negatives, _, _ = _take_unique(drawn, pairs.pool_ids, pairs.pool_hashes, cfg.n_negatives, pos_ids, pos_hashes)
     negatives.sort(key=lambda j: (p_dist[j], pairs.pool_keys[j]))
     rows += [pairs.row(concept_id, int(pairs.pool[j]), p_log_img[j], p_log_txt[j], p_dist[j], "negative", r)
              for r, j in enumerate(negatives)]

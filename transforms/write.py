@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import platform
 import warnings
 from dataclasses import dataclass
@@ -102,27 +103,33 @@ class WriteDictionary(beam.PTransform):
 
 # --------------------------------------------------------------------------- counts and metadata.json
 
-def _parquet_files(folder: Path, pattern: str) -> list[Path]:
-    return sorted(p for p in folder.glob(pattern) if p.is_file())
+def _parquet_files(folder: str | Path, pattern: str) -> list[str]:
+    return fileio.list_files(str(folder), pattern)
 
 
-def _row_count(files: list[Path]) -> int:
-    return sum(pq.read_metadata(p).num_rows for p in files)
+def _config_stats(folder: str | Path, pattern: str) -> tuple[list[str], pa.Schema | None, int, int]:
+    """(files, schema of the first, rows, bytes) of one config's parquet files, read from the footers
+    and the listing only, on any Beam filesystem."""
+    files = _parquet_files(folder, pattern)
+    rows, schema = 0, None
+    for path in files:
+        file_schema, n = fileio.parquet_schema_and_rows(path)
+        schema, rows = schema or file_schema, rows + n
+    return files, schema, rows, sum(fileio.file_sizes(files).values())
 
 
 def folder_counts(out_dir: str | Path) -> dict[str, int]:
     """Rows of each config in an output folder: {"concepts", "stimuli", "directions"} (0 where absent)."""
-    folder = Path(out_dir)
-    return {"concepts": _row_count(_parquet_files(folder, CONFIG_FILES["concepts"])),
-            "stimuli": _row_count(_parquet_files(folder, CONFIG_FILES["stimuli"])),
-            "directions": _row_count(_parquet_files(folder, CONFIG_FILES["dictionary"]))}
+    return {"concepts": _config_stats(out_dir, CONFIG_FILES["concepts"])[2],
+            "stimuli": _config_stats(out_dir, CONFIG_FILES["stimuli"])[2],
+            "directions": _config_stats(out_dir, CONFIG_FILES["dictionary"])[2]}
 
 
-def _dictionary_dimension(folder: Path) -> int | None:
-    files = _parquet_files(folder, CONFIG_FILES["dictionary"])
-    if not files:
+def _dictionary_dimension(folder: str | Path) -> int | None:
+    schema = _config_stats(folder, CONFIG_FILES["dictionary"])[1]
+    if schema is None:
         return None
-    typ = pq.read_schema(files[0]).field("direction").type
+    typ = schema.field("direction").type
     return typ.list_size if pa.types.is_fixed_size_list(typ) else None
 
 
@@ -153,7 +160,7 @@ def write_metadata(out_dir: str, info: dict) -> dict:
     models = info["models"]
     if not isinstance(models, dict) or not models or not all(isinstance(m, dict) and "id" in m for m in models.values()):
         raise ValueError("write_metadata: 'models' must map a role (clip, mllm) to {'id': ..., 'untrained': bool}")
-    folder = Path(out_dir)
+    folder = str(out_dir)
     counts = dict(info.get("counts") or {})
     for name, found in folder_counts(folder).items():
         if name in counts and int(counts[name]) != found:
@@ -197,21 +204,20 @@ def size_category(n: int) -> str:
     return "100M<n<1B"
 
 
-def _front_matter(folder: Path, metadata: dict) -> dict:
-    configs, infos = [], []
-    counts = folder_counts(folder)
-    rows = {"dictionary": counts["directions"], "concepts": counts["concepts"], "stimuli": counts["stimuli"]}
+def _front_matter(folder: str, metadata: dict) -> dict:
+    configs, infos, rows = [], [], {}
     for name, pattern in CONFIG_FILES.items():
-        files = _parquet_files(folder, pattern)
+        files, schema, rows[name], num_bytes = _config_stats(folder, pattern)
         if not files:
             continue
         config = {"config_name": name, "data_files": [{"split": "train", "path": pattern}]}
         if name == "dictionary":
             config["default"] = True
         configs.append(config)
-        schema = pq.read_schema(files[0])
+        # num_bytes: the parquet files' size (without it `datasets` warns on every load)
         infos.append({"config_name": name, "features": [yaml_feature(schema.field(n)) for n in schema.names],
-                      "splits": [{"name": "train", "num_examples": rows[name]}]})
+                      "splits": [{"name": "train", "num_bytes": num_bytes, "num_examples": rows[name]}],
+                      "download_size": num_bytes, "dataset_size": num_bytes})
     tags = ["interpretability", "activation-steering", "concept-dictionary", "wordnet", "multimodal", "safety"]
     if metadata.get("untrained"):
         tags.append("untrained-model")
@@ -219,7 +225,7 @@ def _front_matter(folder: Path, metadata: dict) -> dict:
         "pretty_name": metadata.get("pretty_name", "DACO-400K"),
         "license": metadata.get("license", "other"),
         "language": ["en"],
-        "size_categories": [size_category(max(rows.values()))],
+        "size_categories": [size_category(max(rows.values(), default=0))],
         "task_categories": ["feature-extraction", "image-text-to-text"],
         "tags": tags,
         "configs": configs,
@@ -239,7 +245,7 @@ def _model_lines(models: dict) -> list[str]:
 
 def dataset_card(out_dir: str | Path, metadata: dict) -> str:
     """The text of ``README.md`` for an output folder and its metadata (see the module docstring)."""
-    folder = Path(out_dir)
+    folder = str(out_dir)
     front = yaml.safe_dump(_front_matter(folder, metadata), sort_keys=False, allow_unicode=True)
     counts = metadata.get("counts", {})
     layers = ", ".join(str(layer) for layer in metadata.get("layers", []))
@@ -347,6 +353,14 @@ class PublishFile:
     size: int
 
 
+def _schema(path) -> pa.Schema:
+    """A parquet file's schema; a damaged (truncated, not parquet) file is a FolderInvalid naming it."""
+    try:
+        return pq.read_schema(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise FolderInvalid(f"{path}: not a readable parquet file ({exc}); re-run `daco build`") from None
+
+
 def _check_columns(path: Path, schema: pa.Schema, expected: pa.Schema) -> None:
     missing = [n for n in expected.names if n not in schema.names]
     if missing:
@@ -358,7 +372,7 @@ def _check_columns(path: Path, schema: pa.Schema, expected: pa.Schema) -> None:
 
 
 def _required_files(folder: Path, pattern: str, what: str) -> list[Path]:
-    files = _parquet_files(folder, pattern)
+    files = [Path(p) for p in _parquet_files(folder, pattern)]
     if not files:
         raise FolderInvalid(f"{folder / pattern}: missing ({what}); run `daco build` to write it")
     return files
@@ -370,7 +384,7 @@ def _check_dictionary(folder: Path, files: list[Path]) -> tuple[int, set[int]]:
 
     dims = {}
     for path in files:
-        schema = pq.read_schema(path)
+        schema = _schema(path)
         typ = schema.field("direction").type if "direction" in schema.names else None
         if typ is None or not pa.types.is_fixed_size_list(typ):
             raise FolderInvalid(f"{path}: column 'direction' is {typ}; expected fixed_size_list<float32>[d]")
@@ -383,26 +397,59 @@ def _check_dictionary(folder: Path, files: list[Path]) -> tuple[int, set[int]]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # concepts without a direction are dead-lettered, not an error
             loaded = load_dictionary(folder)
-    except (DictionaryError, KeyError, FileNotFoundError) as exc:
+    except (DictionaryError, KeyError, FileNotFoundError, pa.ArrowException, OSError) as exc:
         raise FolderInvalid(str(exc).strip("'\"")) from None
     return loaded.d, set(loaded.layers)
 
 
-def validate_output_folder(out_dir: str | Path) -> list[PublishFile]:
-    """Check an output folder before publishing; return the files to upload, sorted.
+def _published_files(folder: Path) -> list[Path]:
+    """The files ``daco publish`` uploads; a symbolic link among them (or among their folders) is
+    refused, since the upload would send what it points to, possibly from outside the folder."""
+    files = sorted({p for pattern in PUBLISHED_PATTERNS for p in folder.glob(pattern) if p.is_file()})
+    for path in files:
+        link = next((q for q in (path, *path.parents) if q != folder and folder in q.parents and q.is_symlink()), None)
+        if link is not None:
+            raise FolderInvalid(f"{link}: a symbolic link (to {os.readlink(link)}); publish uploads only real files "
+                                "inside the folder: replace the link by a copy of the file, or remove it")
+    return files
 
-    Checks: README.md (a card with YAML front matter declaring configs), metadata.json,
-    concepts.parquet, stimuli/*.parquet and dictionary/*.parquet exist; their schemas
-    follow DESIGN.md; the directions are fixed_size_list<float32>[d] of one d, finite,
-    of known concepts; metadata's counts, dimension and layers match the files.
-    Raises :class:`FolderInvalid` naming the file and the reason.
+
+def validate_output_folder(out_dir: str | Path) -> list[PublishFile]:
+    """Check an output folder (local or any Beam filesystem URL) before publishing; return the
+    files to upload, sorted.
+
+    Checks: the folder is not marked incomplete (:mod:`transforms.outdir`: a build into it was
+    interrupted, so its files may mix two builds); no published file is a symbolic link;
+    README.md (a card with YAML front matter declaring configs), metadata.json,
+    concepts.parquet, stimuli/*.parquet and dictionary/*.parquet exist and are readable; their
+    schemas follow DESIGN.md; the directions are fixed_size_list<float32>[d] of one d, finite,
+    of known concepts; metadata's counts, dimension and layers match the files. A remote folder
+    is checked on a temporary local copy of the published files. Raises :class:`FolderInvalid`
+    naming the file and the reason.
     """
+    from transforms.outdir import IncompleteFolder, check_complete
+
+    out = str(out_dir).rstrip("/") or "/"
+    try:
+        check_complete(out)
+    except IncompleteFolder as exc:
+        raise FolderInvalid(str(exc)) from None
+    with fileio.local_folder(out, PUBLISHED_PATTERNS) as local:
+        try:
+            return _validate_local(local)
+        except FolderInvalid as exc:
+            if fileio.is_remote(out):  # name the remote file, not the temporary copy
+                raise FolderInvalid(str(exc).replace(str(local), out)) from None
+            raise
+
+
+def _validate_local(folder: Path) -> list[PublishFile]:
     from transforms.concepts import SCHEMA as CONCEPTS_SCHEMA
     from transforms.retrieve import SCHEMA as STIMULI_SCHEMA
 
-    folder = Path(out_dir)
     if not folder.is_dir():
         raise FolderInvalid(f"{folder}: not a directory (pass the output folder of `daco build`)")
+    files = _published_files(folder)
     card_path, meta_path = folder / "README.md", folder / "metadata.json"
     if not card_path.is_file():
         raise FolderInvalid(f"{card_path}: missing; the dataset card is written by `daco build`")
@@ -422,9 +469,9 @@ def validate_output_folder(out_dir: str | Path) -> list[PublishFile]:
         raise FolderInvalid(f"{meta_path}: expected an object with 'counts'")
 
     concepts = _required_files(folder, CONFIG_FILES["concepts"], "the concepts")
-    _check_columns(concepts[0], pq.read_schema(concepts[0]), CONCEPTS_SCHEMA)
+    _check_columns(concepts[0], _schema(concepts[0]), CONCEPTS_SCHEMA)
     for path in _required_files(folder, CONFIG_FILES["stimuli"], "the stimuli"):
-        _check_columns(path, pq.read_schema(path), STIMULI_SCHEMA)
+        _check_columns(path, _schema(path), STIMULI_SCHEMA)
     dictionary = _required_files(folder, CONFIG_FILES["dictionary"], "the directions")
     d, layers = _check_dictionary(folder, dictionary)
 
@@ -437,6 +484,4 @@ def validate_output_folder(out_dir: str | Path) -> list[PublishFile]:
     stray = sorted(layers - {int(layer) for layer in metadata.get("layers", [])})
     if stray:
         raise FolderInvalid(f"{meta_path}: layers {metadata.get('layers')} do not include {stray} found in dictionary/")
-
-    files = {p for pattern in PUBLISHED_PATTERNS for p in folder.glob(pattern) if p.is_file()}
-    return [PublishFile(p.relative_to(folder).as_posix(), p.stat().st_size) for p in sorted(files)]
+    return [PublishFile(p.relative_to(folder).as_posix(), p.stat().st_size) for p in files]

@@ -35,6 +35,7 @@ def run(args, beam_args):
     from pipeline import dataflow
     from pipeline.build import load_build_config, run_build
     from pipeline.runner import local_worker_args
+    from transforms.outdir import OutputFolderError
 
     cfg = load_build_config(args.config, args.preset)
     if args.accelerator:
@@ -56,4 +57,7 @@ def run(args, beam_args):
             dataflow.validate(launch)
     except ValueError as exc:
         raise SystemExit(f"daco build: {exc}") from None
-    return run_build(cfg, args.out, args.shards, args.embeddings, beam_args)
+    try:
+        return run_build(cfg, args.out, args.shards, args.embeddings, beam_args)
+    except OutputFolderError as exc:
+        raise SystemExit(f"daco build: {exc}") from None

@@ -39,17 +39,21 @@ def run(args, beam_args):
 
     from steering.eval.benchmarks import BenchmarkError
     from steering.eval.run import EvalConfig, EvalError, parse_bench, run_eval
+    from transforms.outdir import OutputFolderError, check_writable, writer_lock
 
     try:
         config = EvalConfig(model=args.model, methods=args.methods.split(","), benches=[parse_bench(b) for b in args.bench],
                             out=args.out, limit=args.limit, dictionary=args.dictionary, max_new_tokens=args.max_new_tokens,
                             seed=args.seed, layers=args.layers, gamma=args.gamma, sae=args.sae, steerers=args.steerers, judge=args.judge,
                             judge_model=args.judge_model, device=args.device)
-        metrics = run_eval(config)
-    except (EvalError, BenchmarkError, FileNotFoundError, ConnectionError) as exc:
+        check_writable(args.out)
+        with writer_lock(args.out, "daco eval"):  # a second eval into the folder would count items twice
+            metrics = run_eval(config)
+    except (EvalError, BenchmarkError, FileNotFoundError, ConnectionError, OutputFolderError) as exc:
         raise SystemExit(f"daco eval: {exc}") from None
     out = Path(args.out)
     print((out / "table.md").read_text())
-    print(f"eval: {metrics['generated']} generated, {metrics['skipped']} already done; "
+    print(f"eval: {metrics['generated']} generated, {metrics['skipped']} already done, "
+          f"{metrics['dead_letters']} dead-lettered (unreadable image; {out / 'deadletter.jsonl'}); "
           f"results {out / 'results.jsonl'}, table {out / 'table.md'}, metrics {out / 'metrics.json'}, plot {out / 'tradeoff.png'}")
     return 0

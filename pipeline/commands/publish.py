@@ -2,7 +2,9 @@
 
 The folder is checked first (``transforms.write.validate_output_folder``: schemas,
 dimensions, finite directions, counts against metadata.json, the card); a bad
-folder is refused with the file and the reason, exit status 2. Uploaded: README.md,
+folder is refused with the file and the reason, exit status 2: among them a folder an
+interrupted build left (``_INCOMPLETE``) and a symbolic link (docs/reliability.md). The
+folder may be local or on a Beam filesystem (gs://). Uploaded: README.md,
 metadata.json, concepts.parquet, stimuli/, dictionary/ and deadletter/ (the
 embeddings/ folder stays local).
 
@@ -21,7 +23,7 @@ MAX_FILES_ONE_COMMIT = 100
 
 
 def add_arguments(parser):
-    parser.add_argument("out", help="output folder of `daco build` (local path)")
+    parser.add_argument("out", help="output folder of `daco build` (local path or gs:// URL)")
     parser.add_argument("--repo-id", required=True, help="Hub dataset repo, ORG/NAME")
     parser.add_argument("--private", action="store_true", help="create the repo as private")
     parser.add_argument("--revision", default=None, help="branch to commit to (created when absent; default: main)")
@@ -47,17 +49,22 @@ def _plan(n_files: int) -> str:
 
 def _upload(args, files) -> str:
     """Create the repo (and branch) and upload ``files``; returns the commit URL."""
-    from pathlib import Path
-
     from huggingface_hub import CommitOperationAdd, HfApi
 
+    from transforms import fileio
+
+    remote = fileio.is_remote(args.out)
+    if remote and len(files) > MAX_FILES_ONE_COMMIT:
+        raise ValueError(f"{args.out} holds {len(files)} files to upload; above {MAX_FILES_ONE_COMMIT} the resumable "
+                         "upload needs a local folder: copy it first (gcloud storage cp -r) and publish the copy")
     api = HfApi()
     api.create_repo(args.repo_id, repo_type="dataset", private=args.private, exist_ok=True)
     if args.revision:
         api.create_branch(args.repo_id, branch=args.revision, repo_type="dataset", exist_ok=True)
     message = f"Upload DACO-400K ({len(files)} files) with daco publish"
     if len(files) <= MAX_FILES_ONE_COMMIT:
-        operations = [CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=str(Path(args.out) / f.path)) for f in files]
+        operations = [CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=fileio.read_bytes(fileio.join(args.out, f.path))
+                                         if remote else fileio.join(args.out, f.path)) for f in files]
         info = api.create_commit(args.repo_id, operations, commit_message=message, repo_type="dataset",
                                  revision=args.revision)
     else:
@@ -69,8 +76,8 @@ def _upload(args, files) -> str:
 
 def run(args, beam_args):
     import sys
-    from pathlib import Path
 
+    from transforms import fileio
     from transforms.write import FolderInvalid, validate_output_folder
 
     if args.repo_id.count("/") != 1 or not all(args.repo_id.split("/")):
@@ -89,7 +96,7 @@ def run(args, beam_args):
         print(f"  {f.size:>14,}  {f.path}")
     if args.dry_run:
         print("\n--- README.md (dataset card) ---")
-        print((Path(args.out) / "README.md").read_text())
+        print(fileio.read_text(fileio.join(args.out, "README.md")))
         return 0
     try:
         url = _upload(args, files)

@@ -10,7 +10,7 @@ HELP = "Write a static HTML report (run summary, concept map, layer statistics, 
 
 
 def add_arguments(parser):
-    parser.add_argument("out", help="output folder of `daco build` (local path)")
+    parser.add_argument("out", help="output folder of `daco build` (local path or gs:// URL)")
     parser.add_argument("--concepts", default=None,
                         help="comma-separated concept ids for the gallery (default: every concept)")
     parser.add_argument("--layer", type=int, default=None,

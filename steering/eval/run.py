@@ -50,6 +50,9 @@ FITTED_METHODS = ("refusal", "mars", "iar", "ras")
 """Defences fitted on contrastive prompt sets (loaded from ``--steerers`` or fitted once per ``--out``)."""
 RESULTS_FILE, RUN_FILE, METRICS_FILE, TABLE_FILE, PLOT_FILE = (
     "results.jsonl", "run.json", "metrics.json", "table.md", "tradeoff.png")
+DEADLETTER_FILE = "deadletter.jsonl"
+"""Items that could not be run (an unreadable image), one JSON line each with the reason; a
+resume skips them like finished results."""
 
 
 @dataclasses.dataclass
@@ -343,18 +346,32 @@ def run_eval(config: EvalConfig, stop_after: int | None = None, log: Callable[[s
     out = Path(config.out)
     _check_run_file(out, config)
     results_path = out / RESULTS_FILE
-    done = {result_key(r) for r in read_results(results_path)}
+    dead = {result_key(r) for r in read_results(out / DEADLETTER_FILE)}
+    done = {result_key(r) for r in read_results(results_path)} | dead
     todo = [(item, m) for items in benches.values() for item in items for m in methods
             if (m, item.benchmark, item.id) not in done]
     generated = 0
     if todo:
         generated = _generate_all(config, todo, methods, dictionary, layers, results_path, len(done), stop_after, log)
     wanted = {(m, item.benchmark, item.id) for items in benches.values() for item in items for m in methods}
-    records = [r for r in read_results(results_path) if result_key(r) in wanted]
+    records = _unique(r for r in read_results(results_path) if result_key(r) in wanted)
+    dead = {result_key(r) for r in read_results(out / DEADLETTER_FILE)} & wanted
     metrics = summarise(records, methods, untrained=any(r["untrained"] for r in records), model=config.model)
-    metrics["complete"] = len(records) == len(wanted)
+    metrics["dead_letters"] = len(dead)
+    metrics["complete"] = len(records) + len(dead) == len(wanted)
     write_report(metrics, out)
     return {**metrics, "generated": generated, "skipped": len(done & wanted)}
+
+
+def _unique(records) -> list[dict]:
+    """The first record of each (method, benchmark, item_id): a results file two runs appended to
+    holds some twice (the command locks its folder, but a file may be copied together)."""
+    seen, unique = set(), []
+    for record in records:
+        if result_key(record) not in seen:
+            seen.add(result_key(record))
+            unique.append(record)
+    return unique
 
 
 def _generate_all(config: EvalConfig, todo: list, methods: Sequence[str], dictionary, layers, results_path: Path,
@@ -371,16 +388,26 @@ def _generate_all(config: EvalConfig, todo: list, methods: Sequence[str], dictio
 
         guard = LlamaGuardJudge(config.judge_model, device=config.device)
     log(f"eval: {len(todo)} generations to run ({n_done} already in {results_path})")
-    generated, current, image = 0, None, None
+    generated, current, image, failure, warmed = 0, None, None, None, False
     with open(results_path, "a", encoding="utf-8") as fh:
         for item, method in todo:
             if stop_after is not None and generated >= stop_after:
                 break
             if item is not current:
                 current = item
-                image = item.load_image() if adapter.takes_images else None
-                if generated == 0:  # one untimed warm-up, so the first timed generation is not the slowest
-                    generate(model, processor, item.prompt, image, None, 1, config.seed)
+                try:
+                    image, failure = (item.load_image() if adapter.takes_images else None), None
+                except Exception as exc:  # noqa: BLE001 - PIL raises many types for a bad image: dead-letter it
+                    image, failure = None, f"image unreadable: {type(exc).__name__}: {exc}"[:2000]
+            if failure:
+                with open(results_path.parent / DEADLETTER_FILE, "a", encoding="utf-8") as dead_fh:
+                    dead_fh.write(json.dumps({"method": method, "benchmark": item.benchmark, "item_id": item.id,
+                                              "reason": failure}, sort_keys=True) + "\n")
+                log(f"eval: dead-lettered {item.benchmark}/{item.id} ({method}): {failure}")
+                continue
+            if not warmed:  # one untimed warm-up, so the first timed generation is not the slowest
+                generate(model, processor, item.prompt, image, None, 1, config.seed)
+                warmed = True
             text, n_tokens, seconds = generate(model, processor, item.prompt, image, steerers.get(method),
                                                config.max_new_tokens, config.seed)
             record = _score(item, method, text, n_tokens, seconds, image is not None, untrained, guard)
