@@ -244,6 +244,29 @@ def test_steering_changes_generation_and_empty_sets_change_nothing(tiny, tiny_sa
         assert torch.equal(generate(model, inputs, new=3), plain[:, : plain.shape[1] - 5])
 
 
+def test_mop_on_a_bf16_model_solves_in_float32_and_matches_the_fp32_delta(tiny_saes):
+    """A bf16 solve is off by about a third; the float32 solve's delta, cast to bf16, matches fp32's."""
+    model, tokenizer = get_adapter("qwen2").build_untrained(seed=0)
+    model = model.to(torch.bfloat16)
+    dictionary = {layer: sae.W_dec for layer, sae in tiny_saes.items()}
+    reference = MOPSteerer(None, dictionary, list(range(10)), list(range(10, 16)), gamma=0.5, alpha=0.01, max_iter=300)
+    with MOPSteerer(model, dictionary, list(range(10)), list(range(10, 16)), gamma=0.5, alpha=0.01, max_iter=300) as mop:
+        z = torch.randn(7, 64, generator=torch.Generator().manual_seed(0)).mul(3).to(torch.bfloat16)
+        delta = mop.delta(LAYERS[0], z)
+        assert all(d.dtype == torch.float32 for d in mop.dictionary.values())
+        with torch.no_grad():
+            logits = model(**batch(tokenizer, PROMPTS[:1])).logits  # the hook steers a bf16 forward pass
+    assert delta.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+    exact = reference.delta(LAYERS[0], z.float())
+    error = ((delta.float() - exact).norm() / exact.norm()).item()
+    naive = MOPSteerer(None, {LAYERS[0]: dictionary[LAYERS[0]].to(torch.bfloat16).float()}, list(range(10)),
+                       list(range(10, 16)), gamma=0.5, alpha=0.01, max_iter=300)
+    naive.dictionary = {LAYERS[0]: naive.dictionary[LAYERS[0]].to(torch.bfloat16)}  # what a bf16 solve did before
+    bf16_error = ((naive.delta(LAYERS[0], z).float() - exact).norm() / exact.norm()).item()
+    print(f"\nMOP delta on bf16 activations vs fp32: relative error {error:.4f} (a bf16 solve: {bf16_error:.4f})")
+    assert error < 0.01 < bf16_error
+
+
 @pytest.mark.parametrize("method", ["daco", "mop", "actadd"])
 def test_steering_every_token_in_padded_batches_with_kv_cache(tiny, tiny_saes, method):
     model, tokenizer = tiny

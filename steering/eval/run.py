@@ -194,13 +194,12 @@ def load_model(spec: str, dictionary=None, layers: Sequence[int] = (), seed: int
 def generate(model, processor, prompt: str, image, steerer=None, max_new_tokens: int = 64, seed: int = 0) -> tuple[str, int, float]:
     """Greedy response to one (image, prompt): ``(text, generated tokens, seconds)``, steered inside ``steerer``.
 
-    A steerer that assesses each query first (RAS's ``prepare``) does so inside the timed region.
+    The steerer's per-item step (:meth:`~steering.steerers.Steerer.before_generation`: RAS's
+    risk, MARS's re-centering rule) runs inside the timed region.
     """
     import contextlib
 
     import torch
-
-    from steering.steerers import RASSteerer
 
     content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": prompt}]
     messages = [{"role": "user", "content": content}]
@@ -213,8 +212,8 @@ def generate(model, processor, prompt: str, image, steerer=None, max_new_tokens:
     torch.manual_seed(seed)
     start = time.perf_counter()
     with torch.no_grad(), (steerer if steerer is not None else contextlib.nullcontext()):
-        if isinstance(steerer, RASSteerer):
-            steerer.prepare(processor, [prompt], [image])
+        if steerer is not None:
+            steerer.before_generation(processor, [prompt], [image])
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     seconds = time.perf_counter() - start
     new = out[0, inputs["input_ids"].shape[1]:]

@@ -165,6 +165,15 @@ class Steerer(abc.ABC):
         """The chat messages to generate from (unchanged, except for prompt-based methods)."""
         return messages
 
+    def before_generation(self, processor, prompts: Sequence[str], images: Sequence | None = None) -> list[dict] | None:
+        """Per-item work before generating on a batch (one image or None per prompt), inside the ``with`` block.
+
+        Every caller (``daco steer``, ``daco eval``) calls it before each generation; methods
+        whose steer depends on the item override it (RAS assesses the risk, MARS re-centres
+        only items with an image). Returns per-item details to print, or None.
+        """
+        return None
+
     def _to(self, device: torch.device, dtype: torch.dtype) -> None:
         """Move the method's tensors to the model's device and dtype (called on entry)."""
 
