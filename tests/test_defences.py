@@ -361,10 +361,12 @@ def test_iar_pwd_is_the_probe_weight_direction(tiny, sets, iar_samples):
         states[layer].double().numpy(), y.numpy())
 
 
-def test_iar_head_level_changes_only_the_selected_heads(tiny, sets, iar_samples):
+def test_iar_head_level_changes_only_the_selected_heads_at_the_last_position(tiny, sets, iar_samples):
+    """The default is the paper's best variant (head level, top-K heads), applied where ITI edits: the last position."""
     model, tokenizer = tiny
     _states, heads, y = iar_samples
-    steerer = iar_fit(tiny, sets, level="head", direction="mms", k=3, alpha=5.0)
+    steerer = iar_fit(tiny, sets, direction="mms", k=3, alpha=5.0)
+    assert steerer.level == "head" and steerer.positions == "last"
     units = [(u["layer"], u["head"]) for u in steerer.report["units"]]
     assert len(units) == 3
     first = min(layer for layer, _ in units)
@@ -393,7 +395,12 @@ def test_iar_head_level_changes_only_the_selected_heads(tiny, sets, iar_samples)
         x = heads[str(first)][:, head * width:(head + 1) * width]
         theta = x[y == 1].mean(0) - x[y == 0].mean(0)
         sigma = (x @ (theta / theta.norm())).std(unbiased=False)
-        assert torch.allclose(moved, (5.0 * sigma * theta / theta.norm()).expand_as(moved), atol=1e-5)
+        assert torch.allclose(moved[:, -1], (5.0 * sigma * theta / theta.norm()).expand_as(moved[:, -1]), atol=1e-5)
+        assert not moved[:, :-1].any()  # only the last position of the forward call
+    everywhere = IARSteerer(model, steerer.vectors, "head", positions="all")
+    z = torch.zeros(2, 4, steerer.vectors[first].shape[0])
+    assert torch.equal(everywhere.delta(first, z), steerer.vectors[first].expand_as(z))
+    assert torch.equal(steerer.delta(first, z)[:, -1], steerer.vectors[first].expand(2, -1))
 
 
 # ----------------------------------------------------------------------------------------- RAS
@@ -493,7 +500,11 @@ def test_every_defence_saves_and_loads(tmp_path, tiny, tiny_vl, sets, refusal, m
             continue
         width = iar.vectors[layer].shape[0] if steerer is iar else 64
         z = torch.randn(7, width, generator=g) * 3  # 2-D: every row is steered (no generation step involved)
+        if steerer is mars:
+            for m in (loaded, steerer):
+                m.set_images([True] * 7)
         assert torch.allclose(loaded.delta(layer, z), steerer.delta(layer, z), atol=1e-6)
+    mars.with_image = None
     with pytest.raises(ValueError, match="holds a 'refusal' steerer, not 'mars'"):
         MARSSteerer.load(tmp_path / "refusal", model)
     with pytest.raises(FileNotFoundError, match="steerer.json is missing"):

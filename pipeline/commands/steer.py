@@ -19,8 +19,9 @@ def add_arguments(parser):
     parser.add_argument("--image", default=None, help="an image file to send with the prompt (multimodal models)")
     parser.add_argument("--method", choices=METHODS + DEFENCES, default="daco", help="steering method (default: daco)")
     parser.add_argument("--layers", default="15-19", help="decoder layers to steer, e.g. 15-19 or 3,5,8-9 (default: 15-19)")
-    parser.add_argument("--gamma", type=float, default=1.0,
-                        help="strength: desirable atoms' code (daco), desirable amount (mop), coefficient (actadd)")
+    parser.add_argument("--gamma", type=float, default=0.1,
+                        help="strength of daco, mop and actadd in one unit: the mean activation norm at each steered "
+                             "layer (each desirable concept pushed by gamma x that norm; docs/defences.md); default 0.1")
     parser.add_argument("--sae", default=None, metavar="DIR",
                         help="daco: folder with one saved SAE per layer as DIR/layer_<l>/ (default: the dictionary-"
                              "initialised SAE of each layer, one atom per concept, untrained)")
@@ -84,7 +85,8 @@ def run(args, beam_args):
     except (OSError, KeyError, ValueError) as exc:
         raise SystemExit(f"daco steer: --dictionary {args.dictionary}: {exc}") from None
     model, processor, name = _load_model(args, dictionary.d if dictionary else None, layers)
-    steerer = _build_defence(args, model, processor, layers, sets) if defence else _build_steerer(args, model, dictionary, layers)
+    steerer = (_build_defence(args, model, processor, layers, sets) if defence
+               else _build_steerer(args, model, processor, dictionary, layers))
     untrained = bool(getattr(model.config, "untrained", False))
 
     messages = _conversation(args)
@@ -104,6 +106,10 @@ def run(args, beam_args):
     else:
         print(f"dictionary: {args.dictionary} ({len(dictionary)} concepts, d={dictionary.d}); "
               f"method: {args.method}; layers: {list(layers)}; gamma: {args.gamma}")
+        if args.method != "prompting":
+            from steering.steerers.from_dictionary import STRENGTH_UNIT
+
+            print(f"strength unit: {STRENGTH_UNIT}")
     width = 48
     left = textwrap.wrap(unsteered, width) or [""]
     right = textwrap.wrap(steered, width) or [""]
@@ -149,13 +155,13 @@ def _check_image(adapter, args):
         raise SystemExit(f"daco steer: {adapter.family} is a text-only model family; drop --image")
 
 
-def _build_steerer(args, model, dictionary, layers):
+def _build_steerer(args, model, processor, dictionary, layers):
     from steering.steerers.from_dictionary import dictionary_steerer
 
     try:
         return dictionary_steerer(args.method, model, dictionary, layers, gamma=args.gamma, sae_dir=args.sae,
-                                  k=args.k, eta=args.eta)
-    except FileNotFoundError as exc:
+                                  k=args.k, eta=args.eta, processor=processor)
+    except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"daco steer: {exc}") from None
 
 

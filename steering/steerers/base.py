@@ -109,6 +109,16 @@ def index_sets(indices: IndexSets, layers: Sequence[int], size: Mapping[int, int
     return out
 
 
+def per_layer(value: float | Mapping[int, float], layers: Sequence[int], what: str) -> dict[int, float]:
+    """One float for every layer, or a dict layer -> float checked to cover ``layers``."""
+    if isinstance(value, Mapping):
+        missing = [layer for layer in layers if layer not in value]
+        if missing:
+            raise ValueError(f"{what} has no value for layer(s) {missing}; give one for every steered layer {list(layers)}")
+        return {layer: float(value[layer]) for layer in layers}
+    return {layer: float(value) for layer in layers}
+
+
 def disjoint(undesirable: Mapping[int, torch.Tensor], desirable: Mapping[int, torch.Tensor]) -> None:
     """Raise if an index is both undesirable and desirable at some layer."""
     for layer, neg in undesirable.items():

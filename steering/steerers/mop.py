@@ -18,7 +18,8 @@ from torch import nn
 
 from steering import sparse_coding
 from steering.dictionary import unit_rows
-from steering.steerers.base import DEFAULT_LAYERS, IndexSets, Steerer, dictionary_sets, disjoint, index_sets, register
+from steering.steerers.base import (DEFAULT_LAYERS, IndexSets, Steerer, dictionary_sets, disjoint, index_sets, per_layer,
+                                    register)
 
 SOLVERS = ("elastic_net", "lstsq")
 
@@ -33,7 +34,8 @@ class MOPSteerer(Steerer):
             unit-normalised here); the steered layers are its keys.
         undesirable: concept (row) indices K-, one list for all layers or a dict per layer.
         desirable: concept indices K+, likewise.
-        gamma: how much of each desirable unit direction to add.
+        gamma: how much of each desirable unit direction to add: one value, or a dict layer ->
+            value (``daco steer`` / ``daco eval`` pass γ times the layer's mean activation norm).
         solver: ``"elastic_net"`` (PaCE's objective; ``alpha``, ``tau``) or ``"lstsq"``
             (PaCE's released code: least squares after a rank-``rank`` embedding).
         max_iter, tol: the elastic net's iteration cap and stopping tolerance per solve.
@@ -42,7 +44,7 @@ class MOPSteerer(Steerer):
     """
 
     def __init__(self, model: nn.Module | None, dictionary_by_layer: Mapping[int, torch.Tensor], undesirable: IndexSets,
-                 desirable: IndexSets = (), gamma: float = 0.0, solver: str = "elastic_net", alpha: float = 0.1,
+                 desirable: IndexSets = (), gamma: float | Mapping[int, float] = 0.0, solver: str = "elastic_net", alpha: float = 0.1,
                  tau: float = 0.9, rank: int = 500, max_iter: int = 1000, tol: float = 1e-6,
                  solve_dtype: torch.dtype = torch.float32):
         if solver not in SOLVERS:
@@ -60,7 +62,8 @@ class MOPSteerer(Steerer):
         disjoint(undesirable, desirable)
         self.undesirable = {layer: idx.tolist() for layer, idx in undesirable.items()}
         self.desirable = {layer: idx.tolist() for layer, idx in desirable.items()}
-        self.gamma, self.solver, self.alpha, self.tau, self.rank = float(gamma), solver, alpha, tau, rank
+        self.gamma = per_layer(gamma, self.layers, "gamma")
+        self.solver, self.alpha, self.tau, self.rank = solver, alpha, tau, rank
         self.max_iter, self.tol = max_iter, tol
         self._solvers: dict[int, object] = {}
 
@@ -103,5 +106,5 @@ class MOPSteerer(Steerer):
         """``-sum_{K-} c_i D_i + gamma sum_{K+} D_i`` for ``z`` ([..., d]): solved in ``solve_dtype``, cast to ``z.dtype``."""
         c = self.codes(layer, z)
         delta = sparse_coding.mop_delta(self.dictionary[layer], c, self.undesirable[layer], self.desirable[layer],
-                                        self.gamma)
+                                        self.gamma[layer])
         return delta.to(z.dtype)
