@@ -133,15 +133,26 @@ def test_eval_multimodal_model_with_llama_guard_loaded_from_a_folder(tmp_path):
 
 
 def test_refusal_is_the_addition_defence_and_ablation_an_attack_labelled_as_such(inputs, tmp_path):
+    """Defaults as fitted (small sets, to stay fast): refusal adds, IAR is head-level; the ablation is an ATTACK row."""
+    from steering.contrastive import ContrastiveSets
+    from steering.models import get_adapter
+    from steering.steerers import IARSteerer, RefusalDirectionSteerer
+
+    model, tokenizer = get_adapter("qwen2").build_untrained(seed=0)
+    sets = ContrastiveSets.default()
+    refusal = RefusalDirectionSteerer.fit(model, tokenizer, sets.harmful[:4], sets.harmless[:4], n_positions=1,
+                                          induce_threshold=float("-inf"))
+    refusal.save(tmp_path / "saved" / "refusal")
+    IARSteerer.fit(model, tokenizer, sets.harmful[:4], sets.refusal[:2], sets.compliant[:2], layers=[1, 2],
+                   responses_per_query=1).save(tmp_path / "saved" / "iar")
     bench = [("mmbench", str(inputs["mmbench"]))]
-    out = tmp_path / "run"  # an untrained model never refuses: keep every candidate (the default 0.0 is tested apart)
+    out = tmp_path / "run"
     metrics = run_eval(EvalConfig(model="untrained:qwen2", methods=["none", "refusal", "refusal_ablation", "iar"],
-                                  benches=bench, out=str(out), limit=1, max_new_tokens=2,
-                                  refusal_induce_threshold=float("-inf")))
+                                  benches=bench, out=str(out), limit=1, max_new_tokens=2, steerers=str(tmp_path / "saved")))
     assert set(metrics["overall"]) == {"none", "refusal", "refusal_ablation", "iar"}
-    assert json.loads((out / "steerers" / "refusal" / "steerer.json").read_text())["mode"] == "addition"
-    iar = json.loads((out / "steerers" / "iar" / "steerer.json").read_text())
-    assert iar["level"] == "head" and iar["positions"] == "last" and iar["report"]["k"] == 48
+    assert json.loads((tmp_path / "saved" / "refusal" / "steerer.json").read_text())["mode"] == "addition"
+    iar = json.loads((tmp_path / "saved" / "iar" / "steerer.json").read_text())
+    assert iar["level"] == "head" and iar["positions"] == "last"
     table = (out / "table.md").read_text()
     assert "| refusal_ablation (ATTACK) |" in table and "| refusal |" in table and "**ATTACK** rows (refusal_ablation)" in table
 
