@@ -135,7 +135,25 @@ def test_daco_relu_slice_equals_the_full_encode():
     assert (codes > 0).any() and (codes == 0).any()  # some atoms fire, some do not
     assert torch.equal(codes > 0, full > 0)
     assert torch.allclose(codes, full, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(steerer.delta(0, z), steerer._exact_delta(0, z), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(steerer.delta(0, z), dense_delta(steerer, 0, z), rtol=1e-5, atol=1e-5)
+
+
+def dense_delta(steerer: DacoSteerer, layer: int, z: torch.Tensor) -> torch.Tensor:
+    """METHODS.md §3 written out densely: c_hat over every atom (-c* on K-, gamma on K+), then c_hat @ W_dec."""
+    sae = steerer.saes[layer]
+    codes = sae.encode(z)
+    c_hat = torch.zeros_like(codes)
+    c_hat[..., steerer.undesirable[layer]] = -codes[..., steerer.undesirable[layer]]
+    c_hat[..., steerer.desirable[layer]] = steerer.gamma[layer]
+    return c_hat @ sae.W_dec
+
+
+def test_daco_exact_topk_delta_equals_the_dense_formula():
+    """The default exact mode decodes only the firing undesirable atoms: the same delta as the dense formula."""
+    D, C, Z = planted("correlated", n_tokens=256)
+    steerer = DacoSteerer(None, {0: planted_sae(D)}, UNDESIRABLE, DESIRABLE, gamma=0.5)
+    z = Z.reshape(4, 64, -1)
+    torch.testing.assert_close(steerer.delta(0, z), dense_delta(steerer, 0, z), rtol=1e-5, atol=1e-5)
 
 
 def test_daco_topk_calibration_reports_agreement():

@@ -172,23 +172,18 @@ class DacoSteerer(Steerer):
 
     @torch.no_grad()
     def delta(self, layer: int, z: torch.Tensor) -> torch.Tensor:
-        """``W_dec^T c_hat`` for the activation ``z`` ([..., d]) at ``layer``."""
-        if not self.uses_fast_path(layer):
-            return self._exact_delta(layer, z)
-        plan = self._plans[layer]
-        codes = self.undesirable_codes(layer, z)
-        fired = codes.reshape(-1, codes.shape[-1]).ne(0).any(0).nonzero().squeeze(1)
-        if fired.numel() < codes.shape[-1]:  # decode only the atoms that fire somewhere in z
-            return plan.add - codes.index_select(-1, fired) @ plan.dec_w.index_select(0, fired)
-        return plan.add - codes @ plan.dec_w
+        """``W_dec^T c_hat`` for the activation ``z`` ([..., d]) at ``layer``.
 
-    def _exact_delta(self, layer: int, z: torch.Tensor) -> torch.Tensor:
-        sae = self.saes[layer]
-        codes = sae.encode(z.to(sae.W_enc.dtype))
-        c_hat = torch.zeros_like(codes)
-        c_hat[..., self.undesirable[layer]] = -codes[..., self.undesirable[layer]]
-        c_hat[..., self.desirable[layer]] = self.gamma[layer]
-        return (c_hat @ sae.W_dec).to(z.dtype)
+        Whatever the mode, only the undesirable atoms that fire somewhere in ``z`` are
+        decoded (the others' codes are 0) and the desirable part is precomputed, so the
+        exact mode costs one full encode plus a sparse decode.
+        """
+        plan = self._plans[layer]
+        codes = self.undesirable_codes(layer, z).to(plan.dec_w.dtype)
+        fired = codes.reshape(-1, codes.shape[-1]).ne(0).any(0).nonzero().squeeze(1)
+        if fired.numel() < codes.shape[-1]:
+            return (plan.add - codes.index_select(-1, fired) @ plan.dec_w.index_select(0, fired)).to(z.dtype)
+        return (plan.add - codes @ plan.dec_w).to(z.dtype)
 
     @torch.no_grad()
     def calibrate(self, activations: torch.Tensor | Mapping[int, torch.Tensor], holdout: float = 0.25,
