@@ -166,8 +166,8 @@ def defence_steerers(model, seed: int) -> dict:
     """The four published defences on the benchmark model, their parameters seeded random, not fitted.
 
     Per-token cost does not depend on the fitted values (fitting is a one-off, saved to a
-    folder): ``refusal`` ablates one direction at every layer's output and every
-    attention/MLP output; ``mars`` gates and steers at layer 15 on the first generated
+    folder): ``refusal`` adds one direction at layer 15 (the defence; its ablation at
+    every layer is the attack, not timed here); ``mars`` gates and steers at layer 15 on the first generated
     token; ``iar`` adds to 48 random heads (ITI's K) of layers 15-19 at every token;
     ``ras`` interpolates the final-norm state toward 3 prototypes at risk 0.5 for the
     first 3 tokens.
@@ -181,7 +181,7 @@ def defence_steerers(model, seed: int) -> dict:
     ras = RASSteerer(model, torch.randn(3, d, generator=g), s_base=0.7)
     ras.set_risk(0.5)
     return {
-        "refusal": RefusalDirectionSteerer(model, direction, LAYERS[0], mode="ablation"),
+        "refusal": RefusalDirectionSteerer(model, direction, LAYERS[0]),
         "mars": MARSSteerer(model, direction, LAYERS[0], torch.zeros(d), -1.0, 1.0, recenter=False),
         "iar": IARSteerer.from_units(model, units, "head", alpha=15.0, n_heads=n_heads, head_width=width),
         "ras": ras,
