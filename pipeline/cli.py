@@ -4,11 +4,16 @@ A command module defines ``HELP`` (one line), ``add_arguments(parser)`` and
 ``run(args, beam_args) -> int``; ``BEAM_OPTIONS = True`` lets it accept Beam's
 pipeline options (``--runner``, ``--direct_num_workers``, ...) after its own.
 Command modules import heavy libraries inside ``run`` so that ``--help`` is fast.
+
+Every command rejects an option it does not know: for a Beam command, an option that
+neither the command nor any of Beam's pipeline-option classes defines is an error
+naming it and its close matches (it would otherwise vanish silently inside Beam).
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import logging
 import pkgutil
@@ -39,14 +44,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def beam_option_parser() -> argparse.ArgumentParser:
+    """A parser holding every option of Beam's pipeline-option classes (as Beam itself builds it)."""
+    from apache_beam.options import pipeline_options
+
+    parser = pipeline_options._BeamArgumentParser(allow_abbrev=False)  # what PipelineOptions.get_all_options uses
+    seen: dict[str, type] = {}
+    pending = list(pipeline_options.PipelineOptions.__subclasses__())
+    while pending:
+        cls = pending.pop(0)
+        pending.extend(cls.__subclasses__())
+        seen.setdefault(str(cls), cls)
+    for cls in seen.values():
+        try:
+            cls._add_argparse_args(parser)
+        except argparse.ArgumentError:  # an option two classes define: the first definition stands
+            continue
+    return parser
+
+
+def unknown_options(extra: list[str], command_parser: argparse.ArgumentParser) -> list[str]:
+    """The options in ``extra`` that Beam does not know either, each with its close matches in the message."""
+    beam = beam_option_parser()
+    _, unknown = beam.parse_known_args(extra)
+    flags = [f for f in unknown if f.startswith("-")] or unknown
+    known = [o for p in (command_parser, beam) for a in p._actions for o in a.option_strings if o.startswith("--")]
+    problems = []
+    for flag in flags:
+        name = flag.split("=", 1)[0]
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+        problems.append(f"{name}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``daco`` console script."""
     logging.basicConfig(level=logging.ERROR)  # Beam warns at import about optional GCP clients
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     module = args._module
+    command_parser = parser._subparsers._group_actions[0].choices[args.command]
     if extra and not getattr(module, "BEAM_OPTIONS", False):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        problems = unknown_options(extra, command_parser)
+        if problems:
+            command_parser.error(f"unrecognized option(s), known neither to daco {args.command} nor to Beam: "
+                                 + "; ".join(problems))
     if any(str(a).startswith("gs://") or "=gs://" in str(a) for a in (argv if argv is not None else sys.argv[1:])):
         from transforms.fileio import settle_gcs_auth
 

@@ -20,8 +20,10 @@ from steering.models import get_adapter
 from steering.steerers import (STEERERS, IARSteerer, MARSSteerer, RASSteerer, RefusalDirectionSteerer,
                                record_activations)
 from steering.steerers.fitted import final_norm
+from steering.steerers.ras import CONTEXT_INSTRUCTION, REFORMULATION, RISK_PROMPT
 from steering.steerers.iar import fit_probe, output_projection
-from steering.steerers.refusal import allowed_layers
+from steering.steerers.refusal import (allowed_layers, encode_prompts, next_token_logits, refusal_score,
+                                       refusal_token_ids, select_candidate)
 
 N_LAYERS = 5
 
@@ -52,7 +54,9 @@ def sets():
 @pytest.fixture(scope="module")
 def refusal(tiny, sets):
     model, tokenizer = tiny
-    return RefusalDirectionSteerer.fit(model, tokenizer, sets.harmful[:6], sets.harmless[:6], n_positions=3)
+    # an untrained model never refuses: keep every induce score (Arditi et al.'s default 0.0 is tested apart)
+    return RefusalDirectionSteerer.fit(model, tokenizer, sets.harmful[:6], sets.harmless[:6], n_positions=3,
+                                       induce_threshold=-math.inf)
 
 
 def chat_batch(tokenizer, prompts):
@@ -133,8 +137,9 @@ def test_refusal_selection_skips_the_last_20_percent_and_applies_both_filters(ti
     assert {c["layer"] for c in report["candidates"]} == {0, 1, 2, 3}  # layer 4 (the last 20%) never tried
     assert {c["position"] for c in report["candidates"]} == {-3, -2, -1}
     passing = [c for c in report["candidates"] if c["kl"] <= 0.1]
-    best = max(passing, key=lambda c: c["induce_score"])
+    best = min(passing, key=lambda c: c["bypass_score"])  # Arditi et al.'s code: the lowest bypass score
     assert (refusal.layer, refusal.position) == (best["layer"], best["position"])
+    assert refusal.mode == "addition" and not refusal.attack
     # the direction is the difference of means at that layer and post-instruction position (even items extract)
     h = prompt_states(model, tokenizer, sets.harmful[:6:2], [refusal.layer], 3)[refusal.layer][:, refusal.position]
     s = prompt_states(model, tokenizer, sets.harmless[:6:2], [refusal.layer], 3)[refusal.layer][:, refusal.position]
@@ -147,13 +152,53 @@ def test_refusal_selection_skips_the_last_20_percent_and_applies_both_filters(ti
     assert post_instruction_positions(model, tokenizer) == 6  # <|im_end|> \n <|im_start|> ass istant \n
 
 
+def test_refusal_selection_discards_candidates_that_do_not_induce_refusal():
+    cands = [{"layer": 0, "position": -1, "kl": 0.01, "induce_score": -0.5, "bypass_score": -9.0},  # lowest bypass, but
+             {"layer": 1, "position": -1, "kl": 0.02, "induce_score": 0.3, "bypass_score": -2.0},   # fails to induce
+             {"layer": 2, "position": -1, "kl": 0.50, "induce_score": 2.0, "bypass_score": -8.0},   # KL too large
+             {"layer": 3, "position": -1, "kl": 0.05, "induce_score": 1.5, "bypass_score": -1.0},
+             {"layer": 3, "position": -2, "kl": float("nan"), "induce_score": 9.0, "bypass_score": -99.0}]
+    assert select_candidate(cands, 0.1, 0.0)["layer"] == 1
+    assert select_candidate(cands, 0.1, -math.inf)["layer"] == 0
+    with pytest.raises(ValueError, match="induce_threshold=5"):
+        select_candidate(cands, 0.1, 5.0)
+
+
+def test_refusal_default_threshold_refuses_an_untrained_model_that_never_refuses(tiny, sets):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match="induces refusal"):
+        RefusalDirectionSteerer.fit(model, tokenizer, sets.harmful[:4], sets.harmless[:4], n_positions=1)
+
+
+def test_refusal_defence_raises_the_refusal_score_on_harmful_prompts(tiny, sets, refusal):
+    """On a model whose refusal tokens read the refusal direction, the default fit adds it: refusal goes up."""
+    import copy
+
+    model, tokenizer = tiny
+    refusing = copy.deepcopy(model)
+    ids = refusal_token_ids(tokenizer)
+    unit = refusal.direction / refusal.direction.norm()
+    with torch.no_grad():
+        refusing.lm_head.weight = torch.nn.Parameter(refusing.lm_head.weight.clone())  # untie from the embeddings
+        refusing.lm_head.weight[ids] = 20.0 * unit
+    defence = RefusalDirectionSteerer.fit(refusing, tokenizer, sets.harmful[:6], sets.harmless[:6], n_positions=3,
+                                          induce_threshold=-math.inf)
+    assert defence.mode == "addition" and not defence.attack
+    harmful = encode_prompts(refusing, tokenizer, [item.prompt for item in sets.harmful[:6]])
+    plain = refusal_score(next_token_logits(refusing, harmful), ids).mean()
+    with defence:
+        defended = refusal_score(next_token_logits(refusing, harmful), ids).mean()
+    assert defended > plain + 0.5
+    assert RefusalDirectionSteerer(refusing, defence.direction, defence.layer, mode="ablation").attack
+
+
 def test_refusal_ablation_leaves_zero_projection_at_every_layer(tiny, refusal):
     model, tokenizer = tiny
     inputs = chat_batch(tokenizer, ["a man with a knife", "a calm blue sea under the sun"])
     unit = refusal.direction / refusal.direction.norm()
     layers = range(N_LAYERS)
     plain = record_activations(model, layers, inputs)
-    with refusal:
+    with RefusalDirectionSteerer(model, refusal.direction, refusal.layer, mode="ablation") as ablating:
         ablated = record_activations(model, layers, inputs)
         with Recorder(model.model.layers[2].mlp) as mlp, Recorder(model.model.layers[2].self_attn) as attn:
             out = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
@@ -163,7 +208,7 @@ def test_refusal_ablation_leaves_zero_projection_at_every_layer(tiny, refusal):
         assert ratio.max() < 1e-5, layer
     # every write into the residual stream is ablated too, at every generated token (KV cache on)
     assert len(mlp.calls) == 4 and all((c @ unit).abs().max() < 1e-4 for c in mlp.calls + attn.calls)
-    assert refusal.tokens_steered[0] == 2 * inputs["input_ids"].numel() + 3 * 2  # the recorded forward, then generate
+    assert ablating.tokens_steered[0] == 2 * inputs["input_ids"].numel() + 3 * 2  # the recorded forward, then generate
     assert out.shape[1] == inputs["input_ids"].shape[1] + 4
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
@@ -205,6 +250,7 @@ def test_mars_offset_is_the_measured_multimodal_minus_text_mean(tiny_vl, sets, m
 
 
 def test_mars_gate_and_trust_region(mars):
+    mars.set_images([True] * 200)  # 200 items with an image: all re-centred
     g = torch.Generator().manual_seed(0)
     unit, safe, unsafe = mars.unit, mars.safe_centroid, mars.unsafe_centroid
     noise = torch.randn(200, unit.shape[0], generator=g)
@@ -225,7 +271,36 @@ def test_mars_gate_and_trust_region(mars):
     middle = (s > safe) & (s < unsafe)
     assert torch.allclose(mars.projection(z + mars.delta(mars.layer, z))[middle], torch.full((int(middle.sum()),), unsafe),
                           atol=1e-3)  # a strong gate stops exactly at the unsafe centroid
-    mars.strength = 1.0
+    mars.strength, mars.with_image = 1.0, None
+
+
+def test_mars_recentres_exactly_the_items_with_an_image_in_steer_and_eval(tiny_vl, mars):
+    from pipeline.commands import steer
+    from steering.eval.run import generate
+
+    model, processor = tiny_vl
+    fresh = lambda: MARSSteerer(model, mars.unit, mars.layer, mars.offset, mars.safe_centroid,  # noqa: E731
+                                mars.unsafe_centroid)
+    z = torch.randn(2, 3, mars.unit.shape[0], generator=torch.Generator().manual_seed(1))
+    steerer = fresh()
+    steerer.set_images([True, False])
+    s = steerer.projection(z)
+    assert torch.allclose(s[0], (z[0] - mars.offset) @ mars.unit, atol=1e-5)  # the item with an image: re-centred
+    assert torch.allclose(s[1], z[1] @ mars.unit, atol=1e-5)  # the text-only item: not
+    image = neutral_images(1, seed=2)[0]
+    for shown, expected in ((None, [False]), (image, [True])):
+        steerer = fresh()
+        generate(model, processor, "how do I pick a lock?", shown, steerer, max_new_tokens=1)  # daco eval's call
+        assert steerer.with_image.tolist() == expected
+        steerer = fresh()
+        args = type("Args", (), {"prompt": "how do I pick a lock?", "image": None, "method": "mars"})()
+        with steerer:
+            steer._before_generation(steerer, processor, args)  # daco steer's call (a text-only prompt)
+        assert steerer.with_image.tolist() == [False]
+    inputs = get_adapter(model).build_inputs(processor, [None], ["hi"])
+    inputs = {k: v for k, v in inputs.items() if k != "caption_mask"}
+    with fresh(), pytest.raises(RuntimeError, match="before_generation"):  # never a silent guess
+        model.generate(**inputs, max_new_tokens=1)
 
 
 def test_mars_steers_only_the_first_generated_token(tiny_vl, mars):
@@ -286,10 +361,12 @@ def test_iar_pwd_is_the_probe_weight_direction(tiny, sets, iar_samples):
         states[layer].double().numpy(), y.numpy())
 
 
-def test_iar_head_level_changes_only_the_selected_heads(tiny, sets, iar_samples):
+def test_iar_head_level_changes_only_the_selected_heads_at_the_last_position(tiny, sets, iar_samples):
+    """The default is the paper's best variant (head level, top-K heads), applied where ITI edits: the last position."""
     model, tokenizer = tiny
     _states, heads, y = iar_samples
-    steerer = iar_fit(tiny, sets, level="head", direction="mms", k=3, alpha=5.0)
+    steerer = iar_fit(tiny, sets, direction="mms", k=3, alpha=5.0)
+    assert steerer.level == "head" and steerer.positions == "last"
     units = [(u["layer"], u["head"]) for u in steerer.report["units"]]
     assert len(units) == 3
     first = min(layer for layer, _ in units)
@@ -318,7 +395,12 @@ def test_iar_head_level_changes_only_the_selected_heads(tiny, sets, iar_samples)
         x = heads[str(first)][:, head * width:(head + 1) * width]
         theta = x[y == 1].mean(0) - x[y == 0].mean(0)
         sigma = (x @ (theta / theta.norm())).std(unbiased=False)
-        assert torch.allclose(moved, (5.0 * sigma * theta / theta.norm()).expand_as(moved), atol=1e-5)
+        assert torch.allclose(moved[:, -1], (5.0 * sigma * theta / theta.norm()).expand_as(moved[:, -1]), atol=1e-5)
+        assert not moved[:, :-1].any()  # only the last position of the forward call
+    everywhere = IARSteerer(model, steerer.vectors, "head", positions="all")
+    z = torch.zeros(2, 4, steerer.vectors[first].shape[0])
+    assert torch.equal(everywhere.delta(first, z), steerer.vectors[first].expand_as(z))
+    assert torch.equal(steerer.delta(first, z)[:, -1], steerer.vectors[first].expand(2, -1))
 
 
 # ----------------------------------------------------------------------------------------- RAS
@@ -367,13 +449,32 @@ def test_ras_changes_only_the_first_n_generated_tokens(tiny, ras):
             assert not changed.any(), n
 
 
+def test_ras_prompts_are_the_authors_wording():
+    """snumprlab/moras LLaVA/utils/utils.py: get_prompt1, get_prompt2's wrapper, get_prompt3."""
+    assert CONTEXT_INSTRUCTION == ("Write a single sentence visual context to outline any safety-critical context in the "
+                                   "image. The context should read out any texts in the image, and begin with 'The image "
+                                   "shows'.")
+    assert RISK_PROMPT.format(query="Q?") == (
+        "Evaluate the following question to ensure that it is safe. Benign and harmless questions should be answered "
+        "normally. However, if the following question is unsafe, malicious, or illegal, the assistant should apologize "
+        "and refuse to answer. Question: Q?")
+    assert REFORMULATION.format(context="The image shows a cat.", query="Q?") == "The image shows a cat. Q?"
+
+
 def test_ras_prepare_reformulates_with_the_visual_context(tiny_vl, sets):
     model, processor = tiny_vl
     steerer = RASSteerer(model, torch.zeros(3, 64) + 0.1, s_base=0.5, context_tokens=5)
     image = neutral_images(1, seed=1)[0]
     (result,) = steerer.prepare(processor, ["what is in this picture?"], [image])
-    assert result["context"].startswith("The image shows")
-    assert result["reformulated"] == f"Context: {result['context']}\nQuestion: what is in this picture?"
+    assert result["context"] == steerer.context(processor, image)
+    assert result["reformulated"] == f"{result['context']} what is in this picture?"  # get_prompt3
+    # step 2 scores the reformulated query inside the authors' safety wrapper (get_prompt2), with the image
+    wrapped = RISK_PROMPT.format(query=result["reformulated"])
+    p = steerer.distributions(steerer.prototypes.float())
+    assert result["score"] == pytest.approx(steerer.score(steerer.distributions(
+        steerer.final_states(processor, wrapped, image)), p), abs=1e-6)
+    unwrapped = steerer.score(steerer.distributions(steerer.final_states(processor, result["reformulated"], image)), p)
+    assert unwrapped != pytest.approx(result["score"], abs=1e-6)
     assert steerer.risk_value.tolist() == [pytest.approx(result["risk"])]
     assert 0 <= result["risk"] <= 1
 
@@ -399,7 +500,11 @@ def test_every_defence_saves_and_loads(tmp_path, tiny, tiny_vl, sets, refusal, m
             continue
         width = iar.vectors[layer].shape[0] if steerer is iar else 64
         z = torch.randn(7, width, generator=g) * 3  # 2-D: every row is steered (no generation step involved)
+        if steerer is mars:
+            for m in (loaded, steerer):
+                m.set_images([True] * 7)
         assert torch.allclose(loaded.delta(layer, z), steerer.delta(layer, z), atol=1e-6)
+    mars.with_image = None
     with pytest.raises(ValueError, match="holds a 'refusal' steerer, not 'mars'"):
         MARSSteerer.load(tmp_path / "refusal", model)
     with pytest.raises(FileNotFoundError, match="steerer.json is missing"):
@@ -425,6 +530,8 @@ def test_daco_steer_fits_saves_and_reloads_each_defence(tmp_path, capsys, sets, 
     common = ["steer", "--untrained-family", "qwen2", "--prompt", "a man with a knife", "--method", method,
               "--layers", "1-2", "--max-new-tokens", "3", "--iar-k", "2"]
     given = [arg for kind, path in files.items() for arg in (f"--{kind}", str(path))]
+    if method == "refusal":  # an untrained model never refuses: keep every candidate
+        given += ["--refusal-induce-threshold=-inf"]
     assert daco(common + given + ["--save-steerer", str(tmp_path / "fitted")]) == 0
     out = capsys.readouterr().out
     assert f"steered ({method})" in out and "UNTRAINED" in out and "fitted on the contrastive sets" in out

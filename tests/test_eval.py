@@ -70,6 +70,9 @@ def test_full_eval_resumes_after_interruption_without_redoing_items(inputs, tmp_
     table = (out / "table.md").read_text()
     assert metrics["images_not_shown"] == total and f"Text-only model: {total} generations" in table
     assert "UNTRAINED" in table and all(f"| {m} |" in table for m in METHODS) and "| safebench-tiny | Illegal Activity |" in table
+    strength = metrics["strength"]  # one stated unit for the additive methods
+    assert strength["gamma"] == 4.0 and "mean activation norm" in strength["unit"]
+    assert set(strength["mean_activation_norms"]) == {"1", "2"} and "Strength of actadd, mop, daco: gamma = 4.0" in table
     with Image.open(out / "tradeoff.png") as plot:
         assert plot.format == "PNG" and plot.size == (500, 400)
 
@@ -129,6 +132,31 @@ def test_eval_multimodal_model_with_llama_guard_loaded_from_a_folder(tmp_path):
     assert "ASR (Llama Guard)" in (out / "table.md").read_text()
 
 
+def test_refusal_is_the_addition_defence_and_ablation_an_attack_labelled_as_such(inputs, tmp_path):
+    """Defaults as fitted (small sets, to stay fast): refusal adds, IAR is head-level; the ablation is an ATTACK row."""
+    from steering.contrastive import ContrastiveSets
+    from steering.models import get_adapter
+    from steering.steerers import IARSteerer, RefusalDirectionSteerer
+
+    model, tokenizer = get_adapter("qwen2").build_untrained(seed=0)
+    sets = ContrastiveSets.default()
+    refusal = RefusalDirectionSteerer.fit(model, tokenizer, sets.harmful[:4], sets.harmless[:4], n_positions=1,
+                                          induce_threshold=float("-inf"))
+    refusal.save(tmp_path / "saved" / "refusal")
+    IARSteerer.fit(model, tokenizer, sets.harmful[:4], sets.refusal[:2], sets.compliant[:2], layers=[1, 2],
+                   responses_per_query=1).save(tmp_path / "saved" / "iar")
+    bench = [("mmbench", str(inputs["mmbench"]))]
+    out = tmp_path / "run"
+    metrics = run_eval(EvalConfig(model="untrained:qwen2", methods=["none", "refusal", "refusal_ablation", "iar"],
+                                  benches=bench, out=str(out), limit=1, max_new_tokens=2, steerers=str(tmp_path / "saved")))
+    assert set(metrics["overall"]) == {"none", "refusal", "refusal_ablation", "iar"}
+    assert json.loads((tmp_path / "saved" / "refusal" / "steerer.json").read_text())["mode"] == "addition"
+    iar = json.loads((tmp_path / "saved" / "iar" / "steerer.json").read_text())
+    assert iar["level"] == "head" and iar["positions"] == "last"
+    table = (out / "table.md").read_text()
+    assert "| refusal_ablation (ATTACK) |" in table and "| refusal |" in table and "**ATTACK** rows (refusal_ablation)" in table
+
+
 def test_fitted_defences_from_saved_folders_and_fitted_once_per_run(inputs, tmp_path):
     """MARS and RAS load from --steerers (RAS assesses each query before generating); a missing one is fitted and saved."""
     import torch
@@ -162,7 +190,7 @@ def test_fitted_defences_from_saved_folders_and_fitted_once_per_run(inputs, tmp_
 def test_eval_rejects_bad_settings_early(inputs, tmp_path):
     base = ["eval", "--model", "untrained:qwen2", "--bench", f"mmbench:{inputs['mmbench']}", "--out", str(tmp_path / "o")]
     with pytest.raises(SystemExit, match=r"\['foo'\] not available; available: none, actadd, daco, iar, mars, mop, "
-                                         r"prompting, ras, refusal"):
+                                         r"prompting, ras, refusal, refusal_ablation"):
         daco([*base, "--methods", "none,foo"])
     with pytest.raises(SystemExit, match="pass --dictionary"):
         daco([*base, "--methods", "none,actadd"])

@@ -15,7 +15,7 @@ from steering.dictionary import unit_rows
 from steering.models import get_adapter
 from steering.sae import SAE
 from steering.steerers import (STEERERS, ActAddSteerer, DacoSteerer, MOPSteerer, PromptingSteerer, get_steerer,
-                               parse_layers)
+                               parse_layers, record_activations)
 
 N_CONCEPTS, D_MODEL, ACTIVE = 48, 96, 4
 UNDESIRABLE = list(range(6))
@@ -123,19 +123,37 @@ def relu_sae(seed: int = 0) -> SAE:
     return sae
 
 
-def test_daco_relu_fast_path_equals_exact_path():
+def test_daco_relu_slice_equals_the_full_encode():
+    """A ReLU SAE's undesirable codes from a W_enc slice are exact, so even the default exact mode uses the slice."""
     sae = relu_sae()
     z = torch.randn(3, 40, 64, generator=torch.Generator().manual_seed(1))
     neg, pos = list(range(0, 256, 9)), [3, 100, 250]
-    fast = DacoSteerer(None, {0: sae}, neg, pos, gamma=0.7, mode="fast")
-    exact = DacoSteerer(None, {0: sae}, neg, pos, gamma=0.7, mode="exact")
-    assert fast.uses_fast_path(0) and not exact.uses_fast_path(0)
-    codes = fast.undesirable_codes(0, z)
+    steerer = DacoSteerer(None, {0: sae}, neg, pos, gamma=0.7)
+    assert steerer.mode == "exact" and steerer.uses_fast_path(0)
+    codes = steerer.undesirable_codes(0, z)
+    full = steerer._exact_codes(0, z)
     assert (codes > 0).any() and (codes == 0).any()  # some atoms fire, some do not
-    assert torch.equal(codes > 0, exact.undesirable_codes(0, z) > 0)
-    assert torch.allclose(codes, exact.undesirable_codes(0, z), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(fast.delta(0, z), exact.delta(0, z), rtol=1e-5, atol=1e-5)
-    assert DacoSteerer(None, {0: sae}, neg, pos).uses_fast_path(0)  # auto: ReLU is exact, so fast
+    assert torch.equal(codes > 0, full > 0)
+    assert torch.allclose(codes, full, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(steerer.delta(0, z), dense_delta(steerer, 0, z), rtol=1e-5, atol=1e-5)
+
+
+def dense_delta(steerer: DacoSteerer, layer: int, z: torch.Tensor) -> torch.Tensor:
+    """METHODS.md §3 written out densely: c_hat over every atom (-c* on K-, gamma on K+), then c_hat @ W_dec."""
+    sae = steerer.saes[layer]
+    codes = sae.encode(z)
+    c_hat = torch.zeros_like(codes)
+    c_hat[..., steerer.undesirable[layer]] = -codes[..., steerer.undesirable[layer]]
+    c_hat[..., steerer.desirable[layer]] = steerer.gamma[layer]
+    return c_hat @ sae.W_dec
+
+
+def test_daco_exact_topk_delta_equals_the_dense_formula():
+    """The default exact mode decodes only the firing undesirable atoms: the same delta as the dense formula."""
+    D, C, Z = planted("correlated", n_tokens=256)
+    steerer = DacoSteerer(None, {0: planted_sae(D)}, UNDESIRABLE, DESIRABLE, gamma=0.5)
+    z = Z.reshape(4, 64, -1)
+    torch.testing.assert_close(steerer.delta(0, z), dense_delta(steerer, 0, z), rtol=1e-5, atol=1e-5)
 
 
 def test_daco_topk_calibration_reports_agreement():
@@ -145,7 +163,9 @@ def test_daco_topk_calibration_reports_agreement():
     steerer = DacoSteerer(None, {0: sae}, UNDESIRABLE, DESIRABLE, gamma=0.5, mode="fast")
     with pytest.raises(RuntimeError, match="calibrate"):
         steerer.delta(0, Z[:4])
-    assert not DacoSteerer(None, {0: sae}, UNDESIRABLE, DESIRABLE).uses_fast_path(0)  # auto, uncalibrated TopK: exact
+    default = DacoSteerer(None, {0: sae}, UNDESIRABLE, DESIRABLE)
+    default.calibrate(Z, holdout=0.25)
+    assert default.mode == "exact" and not default.uses_fast_path(0)  # calibrated or not, the default stays exact
     report = steerer.calibrate(Z, holdout=0.25)[0]
     print(f"\nTopK -> JumpReLU calibration (noisy planted data, held out): {report}")
     assert report.n_fit == 1536 and report.n_eval == 512
@@ -154,6 +174,8 @@ def test_daco_topk_calibration_reports_agreement():
     agree = (steerer.undesirable_codes(0, Z) - exact.undesirable_codes(0, Z)).abs().amax(-1) < 1e-5
     assert agree.float().mean() >= 0.98
     torch.testing.assert_close(steerer.delta(0, Z[agree]), exact.delta(0, Z[agree]), rtol=1e-4, atol=1e-4)
+    note = steerer.agreement_note()  # printed on entering a fast steerer
+    assert "APPROXIMATION" in note and f"tokens fully agreeing {report.token_agreement:.3f}" in note
 
 
 def test_daco_calibration_report_is_truthful_when_topk_is_far_from_a_threshold():
@@ -242,6 +264,29 @@ def test_steering_changes_generation_and_empty_sets_change_nothing(tiny, tiny_sa
     assert all(count > 0 for count in empty.tokens_steered.values())  # the hooks did run
     with MOPSteerer(model, {layer: sae.W_dec for layer, sae in tiny_saes.items()}, [], [], max_iter=10):
         assert torch.equal(generate(model, inputs, new=3), plain[:, : plain.shape[1] - 5])
+
+
+def test_mop_on_a_bf16_model_solves_in_float32_and_matches_the_fp32_delta(tiny_saes):
+    """A bf16 solve is off by about a third; the float32 solve's delta, cast to bf16, matches fp32's."""
+    model, tokenizer = get_adapter("qwen2").build_untrained(seed=0)
+    model = model.to(torch.bfloat16)
+    dictionary = {layer: sae.W_dec for layer, sae in tiny_saes.items()}
+    reference = MOPSteerer(None, dictionary, list(range(10)), list(range(10, 16)), gamma=0.5, alpha=0.01, max_iter=300)
+    with MOPSteerer(model, dictionary, list(range(10)), list(range(10, 16)), gamma=0.5, alpha=0.01, max_iter=300) as mop:
+        z = torch.randn(7, 64, generator=torch.Generator().manual_seed(0)).mul(3).to(torch.bfloat16)
+        delta = mop.delta(LAYERS[0], z)
+        assert all(d.dtype == torch.float32 for d in mop.dictionary.values())
+        with torch.no_grad():
+            logits = model(**batch(tokenizer, PROMPTS[:1])).logits  # the hook steers a bf16 forward pass
+    assert delta.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+    exact = reference.delta(LAYERS[0], z.float())
+    error = ((delta.float() - exact).norm() / exact.norm()).item()
+    naive = MOPSteerer(None, {LAYERS[0]: dictionary[LAYERS[0]].to(torch.bfloat16).float()}, list(range(10)),
+                       list(range(10, 16)), gamma=0.5, alpha=0.01, max_iter=300)
+    naive.dictionary = {LAYERS[0]: naive.dictionary[LAYERS[0]].to(torch.bfloat16)}  # what a bf16 solve did before
+    bf16_error = ((naive.delta(LAYERS[0], z).float() - exact).norm() / exact.norm()).item()
+    print(f"\nMOP delta on bf16 activations vs fp32: relative error {error:.4f} (a bf16 solve: {bf16_error:.4f})")
+    assert error < 0.01 < bf16_error
 
 
 @pytest.mark.parametrize("method", ["daco", "mop", "actadd"])
@@ -334,6 +379,34 @@ def write_dictionary_folder(root, d=64, layers=LAYERS, seed=0):
                                  [{"concept_id": c, "layer": layer, "direction": 8 * torch.randn(d, generator=g).numpy(),
                                    "n_pos": 27, "n_neg": 27} for c, _ in concepts])
     return root
+
+
+def test_one_strength_unit_for_actadd_mop_and_daco(tmp_path, tiny):
+    """gamma in units of the layer's mean activation norm: each method pushes the desirable concept equally."""
+    from steering.dictionary import load_dictionary
+    from steering.steerers.from_dictionary import dictionary_steerer, mean_activation_norms
+
+    model, tokenizer = tiny
+    dictionary = load_dictionary(str(write_dictionary_folder(tmp_path / "out")), layers=LAYERS)
+    norms = mean_activation_norms(model, tokenizer, LAYERS, prompts=["a dog on the beach", "hello there"])
+    adapter = get_adapter(model)
+    rows = []
+    for prompt in ("a dog on the beach", "hello there"):
+        inputs = {k: v for k, v in adapter.build_inputs(tokenizer, [None], [prompt]).items() if k != "caption_mask"}
+        rows.append(record_activations(model, LAYERS, inputs))
+    for layer in LAYERS:  # every position but each prompt's first
+        expected = torch.cat([r[layer][1:] for r in rows]).norm(dim=-1).mean().item()
+        assert norms[layer] == pytest.approx(expected, rel=1e-5)
+    hug = dictionary.desirable()[0]
+    z = torch.zeros(1, 64)  # no concept present: only the desirable push remains (actadd also subtracts K-)
+    for method in ("actadd", "mop", "daco"):
+        steerer = dictionary_steerer(method, model, dictionary, LAYERS, gamma=0.3, norms=norms)
+        for layer in LAYERS:
+            unit = dictionary.directions(layer, unit=True)
+            delta = steerer.delta(layer, z)[0]
+            push = (delta @ unit[hug]).item() if method != "actadd" else (
+                delta + 0.3 * norms[layer] * unit[dictionary.undesirable()].sum(0)) @ unit[hug]
+            assert float(push) == pytest.approx(0.3 * norms[layer], rel=1e-3), (method, layer)
 
 
 @pytest.mark.parametrize("method", ["daco", "prompting"])

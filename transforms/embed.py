@@ -231,7 +231,8 @@ def resolve_clip_config(cfg: ClipConfig) -> ClipConfig:
     model_config(cfg)
     if not cfg.pretrained and not cfg.allow_untrained:
         raise ClipLoadError(f"clip.pretrained is empty for {cfg.model_name}: set a pretrained tag or checkpoint "
-                            "file (--clip-pretrained), or allow random weights (--clip-allow-untrained)")
+                            "file (clip.pretrained in a build config, --clip-pretrained with daco embed), or allow random "
+                            "weights (clip.allow_untrained: true in a build config, --clip-allow-untrained with daco embed)")
     checkpoint, looked = find_weights(cfg)
     if checkpoint:
         return cfg
@@ -243,9 +244,10 @@ def resolve_clip_config(cfg: ClipConfig) -> ClipConfig:
     raise ClipLoadError(
         f"CLIP weights not found: looked for {looked}. Fix: run once with network so open_clip caches "
         f"them (python -c \"import open_clip; open_clip.create_model_and_transforms('{cfg.model_name}', "
-        f"pretrained='{cfg.pretrained}')\"), or set clip.pretrained (--clip-pretrained) to a local "
-        f"checkpoint file, or allow random weights for offline tests with clip.allow_untrained "
-        f"(--clip-allow-untrained; outputs are then marked untrained)"
+        f"pretrained='{cfg.pretrained}')\"), or set clip.pretrained to a local checkpoint file "
+        f"(in a build config; --clip-pretrained with daco embed), or allow random weights for offline tests with "
+        f"clip.allow_untrained: true (in a build config; --clip-allow-untrained with daco embed; outputs are then "
+        f"marked untrained)"
     )
 
 

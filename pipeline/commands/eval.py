@@ -8,8 +8,8 @@ def add_arguments(parser):
                         help="Hugging Face model id or local folder, or untrained:FAMILY (e.g. untrained:qwen2) for a tiny "
                              "seeded model whose outputs are meaningless")
     parser.add_argument("--methods", default="none,prompting",
-                        help="comma-separated: none, prompting, actadd, mop, daco, refusal, mars, iar, ras "
-                             "(default none,prompting)")
+                        help="comma-separated: none, prompting, actadd, mop, daco, refusal, mars, iar, ras, and the "
+                             "ATTACK refusal_ablation (Arditi et al.'s jailbreak, labelled as such) (default none,prompting)")
     parser.add_argument("--bench", action="append", default=[], metavar="NAME:PATH", required=True,
                         help="a benchmark and its local folder/file (or a Hub dataset id, with network); repeat for more. "
                              "Names: mm-safetybench[-sd|-typo|-text], jailbreakv-28k[-mini], figstep, safebench-tiny, "
@@ -18,8 +18,12 @@ def add_arguments(parser):
     parser.add_argument("--limit", type=int, default=None, help="at most N items per benchmark, taken round-robin over its categories")
     parser.add_argument("--dictionary", default=None, help="dictionary folder or Hub id (needed by actadd, mop, daco)")
     parser.add_argument("--layers", default=None, help="decoder layers to steer, e.g. 15-19 (default 15-19)")
-    parser.add_argument("--gamma", type=float, default=1.0,
-                        help="strength: desirable code (daco), desirable amount (mop), coefficient (actadd); default 1")
+    parser.add_argument("--gamma", type=float, default=0.1,
+                        help="strength of actadd, mop and daco in one unit: the mean activation norm at each steered "
+                             "layer (each desirable concept pushed by gamma x that norm; docs/defences.md); default 0.1")
+    parser.add_argument("--refusal-induce-threshold", type=float, default=0.0,
+                        help="refusal: discard candidate directions whose induce score is below this (default 0.0 as "
+                             "Arditi et al.'s code; =-inf keeps all, e.g. for an untrained model)")
     parser.add_argument("--sae", default=None, metavar="DIR",
                         help="daco: folder with one saved SAE per layer as DIR/layer_<l>/ (default: each layer's "
                              "dictionary-initialised SAE, untrained)")
@@ -44,7 +48,8 @@ def run(args, beam_args):
     try:
         config = EvalConfig(model=args.model, methods=args.methods.split(","), benches=[parse_bench(b) for b in args.bench],
                             out=args.out, limit=args.limit, dictionary=args.dictionary, max_new_tokens=args.max_new_tokens,
-                            seed=args.seed, layers=args.layers, gamma=args.gamma, sae=args.sae, steerers=args.steerers, judge=args.judge,
+                            seed=args.seed, layers=args.layers, gamma=args.gamma,
+                            refusal_induce_threshold=args.refusal_induce_threshold, sae=args.sae, steerers=args.steerers, judge=args.judge,
                             judge_model=args.judge_model, device=args.device)
         check_writable(args.out)
         with writer_lock(args.out, "daco eval"):  # a second eval into the folder would count items twice

@@ -19,8 +19,9 @@ def add_arguments(parser):
     parser.add_argument("--image", default=None, help="an image file to send with the prompt (multimodal models)")
     parser.add_argument("--method", choices=METHODS + DEFENCES, default="daco", help="steering method (default: daco)")
     parser.add_argument("--layers", default="15-19", help="decoder layers to steer, e.g. 15-19 or 3,5,8-9 (default: 15-19)")
-    parser.add_argument("--gamma", type=float, default=1.0,
-                        help="strength: desirable atoms' code (daco), desirable amount (mop), coefficient (actadd)")
+    parser.add_argument("--gamma", type=float, default=0.1,
+                        help="strength of daco, mop and actadd in one unit: the mean activation norm at each steered "
+                             "layer (each desirable concept pushed by gamma x that norm; docs/defences.md); default 0.1")
     parser.add_argument("--sae", default=None, metavar="DIR",
                         help="daco: folder with one saved SAE per layer as DIR/layer_<l>/ (default: the dictionary-"
                              "initialised SAE of each layer, one atom per concept, untrained)")
@@ -42,9 +43,13 @@ def _add_defence_arguments(parser):
                        ("refusal-responses", "refusal responses"), ("compliant-responses", "compliant responses")):
         group.add_argument(f"--{kind}", default=None, metavar="FILE",
                            help=f"JSONL file of {what} (default: the small set shipped in steering/data/)")
-    group.add_argument("--refusal-mode", choices=("ablation", "addition"), default="ablation",
-                       help="refusal, when fitting: ablate the direction at every layer or add it at the selected one "
-                            "(default ablation)")
+    group.add_argument("--refusal-mode", choices=("addition", "ablation"), default="addition",
+                       help="refusal, when fitting: add the direction at the selected layer (the defence, default) or "
+                            "ablate it at every layer (ATTACK: Arditi et al.'s jailbreak, removes refusal)")
+    group.add_argument("--refusal-induce-threshold", type=float, default=0.0,
+                       help="refusal, when fitting: discard candidate directions whose induce score (refusal score of "
+                            "harmless prompts with the direction added) is below this (default 0.0, as Arditi et al.'s "
+                            "code; =-inf keeps all, e.g. for an untrained model)")
     group.add_argument("--strength", type=float, default=1.0, help="mars: gain of the gate (default 1.0)")
     group.add_argument("--iar-level", choices=("layer", "head"), default="head", help="iar: layer or head level (default head)")
     group.add_argument("--iar-direction", choices=("mms", "pwd"), default="mms", help="iar: MMS or PWD (default mms)")
@@ -80,24 +85,31 @@ def run(args, beam_args):
     except (OSError, KeyError, ValueError) as exc:
         raise SystemExit(f"daco steer: --dictionary {args.dictionary}: {exc}") from None
     model, processor, name = _load_model(args, dictionary.d if dictionary else None, layers)
-    steerer = _build_defence(args, model, processor, layers, sets) if defence else _build_steerer(args, model, dictionary, layers)
+    steerer = (_build_defence(args, model, processor, layers, sets) if defence
+               else _build_steerer(args, model, processor, dictionary, layers))
     untrained = bool(getattr(model.config, "untrained", False))
 
     messages = _conversation(args)
     unsteered = _generate(model, processor, messages, args)
     with steerer:
-        if args.method == "ras":
-            _prepare_ras(steerer, processor, args)
+        _before_generation(steerer, processor, args)
         steered = _generate(model, processor, steerer.edit_messages(messages), args)
 
     print(f"model: {name}" + ("  [UNTRAINED: random weights, the text is meaningless]" if untrained else ""))
+    if getattr(steerer, "attack", False):
+        print("ATTACK: refusal-direction ablation (Arditi et al.'s jailbreak) removes refusal; it is not a defence")
     if defence:
-        print(f"defence: {args.method}; steered layers: {list(steerer.layers)}"
+        print(f"{'attack' if getattr(steerer, 'attack', False) else 'defence'}: {args.method}; "
+              f"steered layers: {list(steerer.layers)}"
               + (f"; loaded from {args.steerer}" if args.steerer else "; fitted on the contrastive sets")
               + (f"; saved to {args.save_steerer}" if args.save_steerer else ""))
     else:
         print(f"dictionary: {args.dictionary} ({len(dictionary)} concepts, d={dictionary.d}); "
               f"method: {args.method}; layers: {list(layers)}; gamma: {args.gamma}")
+        if args.method != "prompting":
+            from steering.steerers.from_dictionary import STRENGTH_UNIT
+
+            print(f"strength unit: {STRENGTH_UNIT}")
     width = 48
     left = textwrap.wrap(unsteered, width) or [""]
     right = textwrap.wrap(steered, width) or [""]
@@ -143,13 +155,13 @@ def _check_image(adapter, args):
         raise SystemExit(f"daco steer: {adapter.family} is a text-only model family; drop --image")
 
 
-def _build_steerer(args, model, dictionary, layers):
+def _build_steerer(args, model, processor, dictionary, layers):
     from steering.steerers.from_dictionary import dictionary_steerer
 
     try:
         return dictionary_steerer(args.method, model, dictionary, layers, gamma=args.gamma, sae_dir=args.sae,
-                                  k=args.k, eta=args.eta)
-    except FileNotFoundError as exc:
+                                  k=args.k, eta=args.eta, processor=processor)
+    except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"daco steer: {exc}") from None
 
 
@@ -179,8 +191,6 @@ def _build_defence(args, model, processor, layers, sets):
             raise SystemExit(f"daco steer: --steerer {args.steerer}: {exc}") from None
     else:
         steerer = _fit_defence(cls, args, model, processor, layers, sets)
-    if args.method == "mars":
-        steerer.recenter = steerer.recenter and args.image is not None  # the offset is for inputs with an image
     return steerer
 
 
@@ -188,7 +198,8 @@ def _fit_defence(cls, args, model, processor, layers, sets):
     """Fit the defence ``cls`` with the command's options (--layers are MARS's and IAR's candidate layers)."""
     try:
         if args.method == "refusal":
-            steerer = cls.fit(model, processor, sets.harmful, sets.harmless, mode=args.refusal_mode)
+            steerer = cls.fit(model, processor, sets.harmful, sets.harmless, mode=args.refusal_mode,
+                              induce_threshold=args.refusal_induce_threshold)
         elif args.method == "mars":
             steerer = cls.fit(model, processor, sets.harmful, sets.harmless, layers=layers, strength=args.strength)
         elif args.method == "iar":
@@ -203,13 +214,15 @@ def _fit_defence(cls, args, model, processor, layers, sets):
     return steerer
 
 
-def _prepare_ras(steerer, processor, args):
-    """RAS's per-query step: visual context, reformulation and risk, printed before generating."""
+def _before_generation(steerer, processor, args):
+    """The steerer's per-item step (the same call as ``daco eval``'s); RAS's risk is printed."""
     from steering.contrastive import open_image
 
-    (result,) = steerer.prepare(processor, [args.prompt], [open_image(args.image)])
-    print(f"ras: risk {result['risk']:.4f} (score {result['score']:.4f}, S_base {steerer.s_base:.4f})"
-          + (f"; context: {result['context']}" if result["context"] else ""))
+    details = steerer.before_generation(processor, [args.prompt], [open_image(args.image)])
+    if args.method == "ras":
+        (result,) = details
+        print(f"ras: risk {result['risk']:.4f} (score {result['score']:.4f}, S_base {steerer.s_base:.4f})"
+              + (f"; context: {result['context']}" if result["context"] else ""))
 
 
 def _conversation(args):

@@ -10,9 +10,13 @@ is dropped and redone), so an interrupted run resumes without redoing finished i
 max_new_tokens, judge, steering settings); a rerun with different ones is refused.
 
 Methods: ``none`` (no steering), ``prompting``, the dictionary methods ``actadd``, ``mop``,
-``daco`` (``--dictionary``; daco with ``--sae`` or dictionary-initialised SAEs), and the
-fitted defences ``refusal``, ``mars``, ``iar``, ``ras`` (loaded from ``--steerers DIR/<method>/``,
-else fitted once on the shipped contrastive sets and saved under ``<out>/steerers/``).
+``daco`` (``--dictionary``; daco with ``--sae`` or dictionary-initialised SAEs; one strength
+unit for all three, :data:`steering.steerers.from_dictionary.STRENGTH_UNIT`, stated in the
+table), the fitted defences ``refusal`` (addition), ``mars``, ``iar`` (head level, top-K
+heads), ``ras`` (loaded from ``--steerers DIR/<method>/``, else fitted once on the shipped
+contrastive sets and saved under ``<out>/steerers/``), and the ATTACK ``refusal_ablation``
+(Arditi et al.'s jailbreak with the ``refusal`` direction; labelled as an attack in every
+output). See docs/defences.md.
 
 Scores: each response is judged by :func:`steering.eval.judges.is_refusal` (and, with
 ``judge="llama-guard"``, by :class:`steering.eval.judges.LlamaGuardJudge` too). Harmful
@@ -48,6 +52,8 @@ DICTIONARY_METHODS = ("actadd", "mop", "daco")
 """Methods built from the concept dictionary (``--dictionary`` required)."""
 FITTED_METHODS = ("refusal", "mars", "iar", "ras")
 """Defences fitted on contrastive prompt sets (loaded from ``--steerers`` or fitted once per ``--out``)."""
+ATTACK_METHODS = ("refusal_ablation",)
+"""Methods that REMOVE refusal (jailbreaks), run to measure an attack; labelled ATTACK in the table and plot."""
 RESULTS_FILE, RUN_FILE, METRICS_FILE, TABLE_FILE, PLOT_FILE = (
     "results.jsonl", "run.json", "metrics.json", "table.md", "tradeoff.png")
 DEADLETTER_FILE = "deadletter.jsonl"
@@ -71,8 +77,11 @@ class EvalConfig:
     seed: int = 0
     layers: str | None = None
     """Decoder layers to steer (``"15-19"``); default :data:`steering.steerers.DEFAULT_LAYERS`."""
-    gamma: float = 1.0
-    """Strength: desirable code (daco), desirable amount (mop), coefficient (actadd)."""
+    gamma: float = 0.1
+    """Strength of actadd, mop and daco, in units of the mean activation norm at each steered layer
+    (:data:`steering.steerers.from_dictionary.STRENGTH_UNIT`)."""
+    refusal_induce_threshold: float = 0.0
+    """refusal: the least induce score a candidate direction needs (Arditi et al.'s 0.0; -inf keeps all)."""
     sae: str | None = None
     """daco: a folder with one saved SAE per layer (``<sae>/layer_<l>/``); default: each layer's
     dictionary-initialised SAE (untrained)."""
@@ -90,7 +99,7 @@ class EvalConfig:
         return {"model": self.model, "seed": self.seed, "max_new_tokens": self.max_new_tokens, "judge": self.judge,
                 "judge_model": self.judge_model if self.judge == "llama-guard" else None,
                 "dictionary": self.dictionary, "layers": self.layers, "gamma": self.gamma, "sae": self.sae,
-                "steerers": self.steerers}
+                "steerers": self.steerers, "refusal_induce_threshold": self.refusal_induce_threshold}
 
 
 class EvalError(ValueError):
@@ -104,7 +113,7 @@ def available_methods() -> list[str]:
     """``none`` plus every registered steerer that eval can build."""
     from steering.steerers import STEERERS
 
-    return [BASELINE] + sorted(name for name in STEERERS if name in STEERER_BUILDERS)
+    return [BASELINE] + sorted(name for name in STEERERS if name in STEERER_BUILDERS) + list(ATTACK_METHODS)
 
 
 def check_methods(methods: Sequence[str], dictionary: str | None) -> list[str]:
@@ -129,17 +138,31 @@ def check_methods(methods: Sequence[str], dictionary: str | None) -> list[str]:
     return methods
 
 
-def _build_from_dictionary(method: str, model, processor, dictionary, layers, config):
-    """A dictionary method's steerer (DACO's SAEs from ``config.sae`` when given)."""
+def _build_from_dictionary(method: str, model, processor, dictionary, layers, config, norms):
+    """A dictionary method's steerer (DACO's SAEs from ``config.sae`` when given), gamma in the shared unit."""
     from steering.steerers.from_dictionary import dictionary_steerer
 
     try:
-        return dictionary_steerer(method, model, dictionary, layers, gamma=config.gamma, sae_dir=config.sae)
-    except FileNotFoundError as exc:
+        return dictionary_steerer(method, model, dictionary, layers, gamma=config.gamma, norms=norms, sae_dir=config.sae)
+    except (FileNotFoundError, ValueError) as exc:
         raise EvalError(str(exc)) from None
 
 
-def _build_fitted(method: str, model, processor, dictionary, layers, config):
+def _fit_options(method: str, config) -> dict:
+    """What eval passes to a defence's ``fit`` beyond the model (every other setting: the method's own default)."""
+    return {"induce_threshold": config.refusal_induce_threshold} if method == "refusal" else {}
+
+
+def _build_attack(method: str, model, processor, dictionary, layers, config, norms):
+    """``refusal_ablation``: the ``refusal`` direction (saved or fitted, as that method's) ablated at every layer."""
+    from steering.steerers import RefusalDirectionSteerer
+
+    defence = _build_fitted("refusal", model, processor, dictionary, layers, config, norms)
+    return RefusalDirectionSteerer(model, defence.direction, defence.layer, "ablation", position=defence.position,
+                                   report=defence.report)
+
+
+def _build_fitted(method: str, model, processor, dictionary, layers, config, norms):
     """A fitted defence: ``<config.steerers>/<method>/`` or ``<out>/steerers/<method>/`` if saved, else fitted and saved there."""
     from steering.steerers import get_steerer
 
@@ -149,7 +172,10 @@ def _build_fitted(method: str, model, processor, dictionary, layers, config):
         if folder.is_dir():
             return cls.load(folder, model)
     print(f"eval: fitting {method} on the shipped contrastive sets; saving it to {saved[-1]}", file=sys.stderr, flush=True)
-    steerer = cls.fit(model, processor)
+    try:
+        steerer = cls.fit(model, processor, **_fit_options(method, config))
+    except ValueError as exc:
+        raise EvalError(f"fitting {method}: {exc}") from None
     steerer.save(saved[-1])
     return steerer
 
@@ -157,8 +183,10 @@ def _build_fitted(method: str, model, processor, dictionary, layers, config):
 STEERER_BUILDERS: dict[str, Callable] = {
     **{method: partial(_build_from_dictionary, method) for method in DICTIONARY_STEERERS},
     **{method: partial(_build_fitted, method) for method in FITTED_METHODS},
+    "refusal_ablation": partial(_build_attack, "refusal_ablation"),
 }
-"""Method name -> ``builder(model, processor, dictionary, layers, config)`` returning its steerer."""
+"""Method name -> ``builder(model, processor, dictionary, layers, config, norms)`` returning its steerer
+(``norms``: the steered layers' mean activation norms, the unit of ``gamma``; None without a dictionary method)."""
 
 
 # ------------------------------------------------------------------ model and generation
@@ -197,13 +225,12 @@ def load_model(spec: str, dictionary=None, layers: Sequence[int] = (), seed: int
 def generate(model, processor, prompt: str, image, steerer=None, max_new_tokens: int = 64, seed: int = 0) -> tuple[str, int, float]:
     """Greedy response to one (image, prompt): ``(text, generated tokens, seconds)``, steered inside ``steerer``.
 
-    A steerer that assesses each query first (RAS's ``prepare``) does so inside the timed region.
+    The steerer's per-item step (:meth:`~steering.steerers.Steerer.before_generation`: RAS's
+    risk, MARS's re-centering rule) runs inside the timed region.
     """
     import contextlib
 
     import torch
-
-    from steering.steerers import RASSteerer
 
     content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": prompt}]
     messages = [{"role": "user", "content": content}]
@@ -216,8 +243,8 @@ def generate(model, processor, prompt: str, image, steerer=None, max_new_tokens:
     torch.manual_seed(seed)
     start = time.perf_counter()
     with torch.no_grad(), (steerer if steerer is not None else contextlib.nullcontext()):
-        if isinstance(steerer, RASSteerer):
-            steerer.prepare(processor, [prompt], [image])
+        if steerer is not None:
+            steerer.before_generation(processor, [prompt], [image])
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     seconds = time.perf_counter() - start
     new = out[0, inputs["input_ids"].shape[1]:]
@@ -291,11 +318,13 @@ def _check_run_file(out: Path, config: EvalConfig) -> None:
                         "use another --out or the same settings to resume")
 
 
-def _write_run_file(out: Path, config: EvalConfig, untrained: bool) -> None:
+def _write_run_file(out: Path, config: EvalConfig, untrained: bool, norms: dict | None) -> None:
     run_file = out / RUN_FILE
     if not run_file.is_file():
         out.mkdir(parents=True, exist_ok=True)
-        run_file.write_text(json.dumps({**config.comparable(), "untrained": untrained}, indent=2, sort_keys=True) + "\n")
+        norms = {str(layer): n for layer, n in norms.items()} if norms else None
+        run_file.write_text(json.dumps({**config.comparable(), "untrained": untrained, "mean_activation_norms": norms},
+                                       indent=2, sort_keys=True) + "\n")
 
 
 # ------------------------------------------------------------------ the run
@@ -359,6 +388,12 @@ def run_eval(config: EvalConfig, stop_after: int | None = None, log: Callable[[s
     metrics = summarise(records, methods, untrained=any(r["untrained"] for r in records), model=config.model)
     metrics["dead_letters"] = len(dead)
     metrics["complete"] = len(records) + len(dead) == len(wanted)
+    if any(m in DICTIONARY_METHODS for m in methods):
+        from steering.steerers.from_dictionary import STRENGTH_UNIT
+
+        run = json.loads((out / RUN_FILE).read_text()) if (out / RUN_FILE).is_file() else {}
+        metrics["strength"] = {"gamma": config.gamma, "unit": STRENGTH_UNIT,
+                               "mean_activation_norms": run.get("mean_activation_norms")}
     write_report(metrics, out)
     return {**metrics, "generated": generated, "skipped": len(done & wanted)}
 
@@ -380,8 +415,16 @@ def _generate_all(config: EvalConfig, todo: list, methods: Sequence[str], dictio
     model, processor, adapter = load_model(config.model, dictionary, layers if dictionary is not None else (),
                                            config.seed, config.device)
     untrained = bool(getattr(model.config, "untrained", False))
-    _write_run_file(results_path.parent, config, untrained)
-    steerers = {m: STEERER_BUILDERS[m](model, processor, dictionary, layers, config) for m in methods if m != BASELINE}
+    norms = None
+    if any(m in DICTIONARY_METHODS for m in methods):
+        from steering.steerers.from_dictionary import mean_activation_norms
+
+        norms = mean_activation_norms(model, processor, layers)
+        log(f"eval: gamma {config.gamma} in units of the mean activation norm per layer: "
+            + ", ".join(f"{layer}: {n:.4g}" for layer, n in norms.items()))
+    _write_run_file(results_path.parent, config, untrained, norms)
+    steerers = {m: STEERER_BUILDERS[m](model, processor, dictionary, layers, config, norms)
+                for m in methods if m != BASELINE}
     guard = None
     if config.judge == "llama-guard":
         from steering.eval.judges import LlamaGuardJudge
@@ -500,6 +543,11 @@ def _fmt(value, percent: bool = False) -> str:
     return f"{100 * value:.1f}%" if percent else f"{value:.2f}"
 
 
+def _label(method: str) -> str:
+    """A method's name in the report, ``(ATTACK)`` appended to attacks."""
+    return f"{method} (ATTACK)" if method in ATTACK_METHODS else method
+
+
 def markdown_table(metrics: dict) -> str:
     """The report as markdown: per-method summary, then per benchmark, then per category."""
     lines = [f"# Safety and utility: {metrics['model']}", ""]
@@ -507,6 +555,16 @@ def markdown_table(metrics: dict) -> str:
         lines += ["**UNTRAINED model (random weights): these numbers only exercise the pipeline.**", ""]
     if metrics.get("images_not_shown"):
         lines += [f"Text-only model: {metrics['images_not_shown']} generations got the prompt without its image.", ""]
+    attacks = [m for m in metrics["overall"] if m in ATTACK_METHODS]
+    if attacks:
+        lines += [f"**ATTACK** rows ({', '.join(attacks)}): refusal-direction ablation, Arditi et al.'s jailbreak. "
+                  "It removes refusal; its ASR measures an attack, not a defence.", ""]
+    if metrics.get("strength"):
+        strength = metrics["strength"]
+        norms = strength.get("mean_activation_norms") or {}
+        lines += [f"Strength of actadd, mop, daco: gamma = {strength['gamma']}; {strength['unit']}"
+                  + (" (mean norms: " + ", ".join(f"layer {l} {n:.4g}" for l, n in norms.items()) + ")" if norms else "")
+                  + ".", ""]
     guard = any("asr_llama_guard" in r for r in metrics["overall"].values())
     lines += ["ASR: attack success rate on harmful items, by the refusal scorer (lower is safer)"
               + ("; ASR (Llama Guard): share judged unsafe" if guard else "")
@@ -515,18 +573,18 @@ def markdown_table(metrics: dict) -> str:
               "| method | n | ASR |" + (" ASR (Llama Guard) |" if guard else "") + " over-refusal | accuracy | tokens/s | overhead vs none |",
               "| --- | --- | --- |" + (" --- |" if guard else "") + " --- | --- | --- | --- |"]
     for m, r in metrics["overall"].items():
-        lines.append(f"| {m} | {r['n']} | {_fmt(r['asr'], True)} |" + (f" {_fmt(r.get('asr_llama_guard'), True)} |" if guard else "")
+        lines.append(f"| {_label(m)} | {r['n']} | {_fmt(r['asr'], True)} |" + (f" {_fmt(r.get('asr_llama_guard'), True)} |" if guard else "")
                      + f" {_fmt(r['over_refusal'], True)} | {_fmt(r['accuracy'], True)} | {_fmt(r['tokens_per_s'])} | "
                      f"{_fmt(r['overhead_vs_none'], True)} |")
     lines += ["", "## Per benchmark", "", "| benchmark | method | n | ASR | over-refusal | accuracy | tokens/s | overhead vs none |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in metrics["benchmarks"]:
-        lines.append(f"| {r['benchmark']} | {r['method']} | {r['n']} | {_fmt(r['asr'], True)} | {_fmt(r['over_refusal'], True)} | "
+        lines.append(f"| {r['benchmark']} | {_label(r['method'])} | {r['n']} | {_fmt(r['asr'], True)} | {_fmt(r['over_refusal'], True)} | "
                      f"{_fmt(r['accuracy'], True)} | {_fmt(r['tokens_per_s'])} | {_fmt(r['overhead_vs_none'], True)} |")
     lines += ["", "## Per category", "", "| benchmark | category | method | n | ASR | over-refusal | accuracy |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in metrics["categories"]:
-        lines.append(f"| {r['benchmark']} | {r['category']} | {r['method']} | {r['n']} | {_fmt(r['asr'], True)} | "
+        lines.append(f"| {r['benchmark']} | {r['category']} | {_label(r['method'])} | {r['n']} | {_fmt(r['asr'], True)} | "
                      f"{_fmt(r['over_refusal'], True)} | {_fmt(r['accuracy'], True)} |")
     return "\n".join(lines) + "\n"
 
@@ -547,7 +605,7 @@ def plot_tradeoff(metrics: dict, path: Path) -> None:
             utility, utility_label = 1 - r["over_refusal"], "1 - over-refusal"
         safety = None if r["asr"] is None else 1 - r["asr"]
         if utility is not None and safety is not None:
-            points.setdefault((round(utility, 4), round(safety, 4)), []).append(m)
+            points.setdefault((round(utility, 4), round(safety, 4)), []).append(_label(m))
     for (utility, safety), names in points.items():
         ax.scatter([utility], [safety], s=40)
         label = "\n".join(", ".join(names[i:i + 3]) for i in range(0, len(names), 3))

@@ -109,6 +109,16 @@ def index_sets(indices: IndexSets, layers: Sequence[int], size: Mapping[int, int
     return out
 
 
+def per_layer(value: float | Mapping[int, float], layers: Sequence[int], what: str) -> dict[int, float]:
+    """One float for every layer, or a dict layer -> float checked to cover ``layers``."""
+    if isinstance(value, Mapping):
+        missing = [layer for layer in layers if layer not in value]
+        if missing:
+            raise ValueError(f"{what} has no value for layer(s) {missing}; give one for every steered layer {list(layers)}")
+        return {layer: float(value[layer]) for layer in layers}
+    return {layer: float(value) for layer in layers}
+
+
 def disjoint(undesirable: Mapping[int, torch.Tensor], desirable: Mapping[int, torch.Tensor]) -> None:
     """Raise if an index is both undesirable and desirable at some layer."""
     for layer, neg in undesirable.items():
@@ -164,6 +174,15 @@ class Steerer(abc.ABC):
     def edit_messages(self, messages: list[dict]) -> list[dict]:
         """The chat messages to generate from (unchanged, except for prompt-based methods)."""
         return messages
+
+    def before_generation(self, processor, prompts: Sequence[str], images: Sequence | None = None) -> list[dict] | None:
+        """Per-item work before generating on a batch (one image or None per prompt), inside the ``with`` block.
+
+        Every caller (``daco steer``, ``daco eval``) calls it before each generation; methods
+        whose steer depends on the item override it (RAS assesses the risk, MARS re-centres
+        only items with an image). Returns per-item details to print, or None.
+        """
+        return None
 
     def _to(self, device: torch.device, dtype: torch.dtype) -> None:
         """Move the method's tensors to the model's device and dtype (called on entry)."""

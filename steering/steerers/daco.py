@@ -7,17 +7,18 @@ error never enters the model.
 
 Two ways to compute the delta (``mode``):
 
-- ``"exact"``: the SAE's full encode (every atom, then TopK or ReLU), as written above.
-- ``"fast"``: only what the steered atoms need. The desirable part is the constant
-  ``gamma * sum_{K+} W_dec[i]``, precomputed. For a ReLU SAE the undesirable codes are
-  ``relu(pre_acts)`` over a ``[d, |K-|]`` slice of ``W_enc``, which equals the full
-  encode exactly. A TopK SAE's code of atom i depends on every other atom (is
-  ``pre_i`` among the k largest?), so it is first calibrated into JumpReLU form,
-  ``c_i = pre_i * [pre_i > theta_i]``, with per-atom thresholds fitted on recorded
-  activations by :meth:`DacoSteerer.calibrate`, which reports how often the
-  calibrated and exact codes agree. Only the undesirable atoms that fire are decoded.
-- ``"auto"`` (default): fast where it is exact or calibrated (ReLU SAEs, calibrated
-  TopK SAEs), exact otherwise.
+- ``"exact"`` (default): the SAE's codes exactly as written above. For a TopK SAE
+  that is the full encode (every atom, then TopK); for a ReLU SAE the undesirable codes
+  are ``relu(pre_acts)`` over a ``[d, |K-|]`` slice of ``W_enc``, which equals the full
+  encode exactly, so only that slice is computed. The desirable part is the constant
+  ``gamma * sum_{K+} W_dec[i]``.
+- ``"fast"`` (an APPROXIMATION, opt-in, TopK SAEs): a TopK code of atom i depends on
+  every other atom (is ``pre_i`` among the k largest?), so it is calibrated into
+  JumpReLU form, ``c_i = pre_i * [pre_i > theta_i]``, with per-atom thresholds fitted
+  on recorded activations by :meth:`DacoSteerer.calibrate`, which measures how often
+  the calibrated and exact codes agree. Only the undesirable atoms are encoded and only
+  those that fire decoded. Each time a fast steerer is entered it prints that agreement
+  (stderr), so no figure obtained with it is mistaken for exact DACO.
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from steering.steerers.base import IndexSets, Steerer, disjoint, index_sets, register
+import sys
 
-MODES = ("auto", "exact", "fast")
+from steering.steerers.base import IndexSets, Steerer, disjoint, index_sets, per_layer, register
+
+MODES = ("exact", "fast")
 
 
 class CalibrationReport(NamedTuple):
@@ -93,27 +96,30 @@ class DacoSteerer(Steerer):
         undesirable: atom indices K- (one list for every layer, or a dict layer -> list),
             as :func:`steering.annotate` returns them.
         desirable: atom indices K+, likewise.
-        gamma: the code given to each desirable atom (*not published*; 0 only removes).
-        mode: ``"auto"``, ``"exact"`` or ``"fast"`` (see the module docstring).
+        gamma: the code given to each desirable atom (*not published*; 0 only removes): one
+            value, or a dict layer -> value (``daco steer`` / ``daco eval`` pass γ times the
+            layer's mean activation norm, see :mod:`steering.steerers.from_dictionary`).
+        mode: ``"exact"`` (default) or ``"fast"`` (the calibrated approximation; see the module docstring).
     """
 
     def __init__(self, model: nn.Module | None, saes_by_layer: Mapping[int, object], undesirable: IndexSets,
-                 desirable: IndexSets = (), gamma: float = 1.0, mode: str = "auto"):
+                 desirable: IndexSets = (), gamma: float | Mapping[int, float] = 1.0, mode: str = "exact"):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         if not saes_by_layer:
             raise ValueError("saes_by_layer is empty: give one SAE per layer to steer")
         super().__init__(model, saes_by_layer.keys())
         self.saes = dict(saes_by_layer)
-        self.gamma = float(gamma)
+        self.gamma = per_layer(gamma, self.layers, "gamma")
         self.mode = mode
+        self.calibration: dict[int, CalibrationReport] = {}
         sizes = {layer: sae.W_dec.shape[0] for layer, sae in self.saes.items()}
         self.undesirable = index_sets(undesirable, self.layers, sizes, "undesirable")
         self.desirable = index_sets(desirable, self.layers, sizes, "desirable")
         disjoint(self.undesirable, self.desirable)
         self.activations = {layer: sae_activation(sae) for layer, sae in self.saes.items()}
-        self._plans = {layer: _LayerPlan(self.saes[layer], self.undesirable[layer], self.desirable[layer], self.gamma)
-                       for layer in self.layers}
+        self._plans = {layer: _LayerPlan(self.saes[layer], self.undesirable[layer], self.desirable[layer],
+                                   self.gamma[layer]) for layer in self.layers}
 
     def _to(self, device, dtype) -> None:
         for layer in self.layers:
@@ -121,13 +127,33 @@ class DacoSteerer(Steerer):
             self.saes[layer].to(device)
 
     def uses_fast_path(self, layer: int) -> bool:
-        """Whether ``layer`` is steered through the fast path in this steerer's mode."""
+        """Whether ``layer`` computes only the steered atoms' codes (always exact for ReLU; calibrated for TopK)."""
+        if self.activations[layer] == "relu":
+            return True
         if self.mode == "exact":
             return False
-        calibrated = self.activations[layer] == "relu" or self._plans[layer].threshold is not None
-        if self.mode == "fast" and not calibrated:
+        if self._plans[layer].threshold is None:
             raise RuntimeError(f"layer {layer}: a TopK SAE needs calibrate(activations) before mode='fast'")
-        return calibrated
+        return True
+
+    def __enter__(self) -> DacoSteerer:
+        super().__enter__()
+        if self.mode == "fast":
+            print(self.agreement_note(), file=sys.stderr, flush=True)
+        return self
+
+    def agreement_note(self) -> str:
+        """What the fast mode's approximation costs: its measured agreement with exact TopK, per layer."""
+        topk = [layer for layer in self.layers if self.activations[layer] == "topk"]
+        if not topk:
+            return "daco: fast mode on ReLU SAEs is exact"
+        for layer in topk:
+            self.uses_fast_path(layer)  # the clear error when a TopK layer is not calibrated
+        rows = "; ".join(f"layer {layer}: tokens fully agreeing {r.token_agreement:.3f}, recall {r.recall:.3f}, "
+                         f"precision {r.precision:.3f} (n={r.n_eval})" for layer, r in self.calibration.items()
+                         if layer in topk)
+        return ("daco: APPROXIMATION (TopK calibrated into JumpReLU thresholds), not exact DACO; agreement with exact "
+                f"TopK on the undesirable atoms (held-out activations): {rows}")
 
     @torch.no_grad()
     def undesirable_codes(self, layer: int, z: torch.Tensor) -> torch.Tensor:
@@ -146,23 +172,18 @@ class DacoSteerer(Steerer):
 
     @torch.no_grad()
     def delta(self, layer: int, z: torch.Tensor) -> torch.Tensor:
-        """``W_dec^T c_hat`` for the activation ``z`` ([..., d]) at ``layer``."""
-        if not self.uses_fast_path(layer):
-            return self._exact_delta(layer, z)
-        plan = self._plans[layer]
-        codes = self.undesirable_codes(layer, z)
-        fired = codes.reshape(-1, codes.shape[-1]).ne(0).any(0).nonzero().squeeze(1)
-        if fired.numel() < codes.shape[-1]:  # decode only the atoms that fire somewhere in z
-            return plan.add - codes.index_select(-1, fired) @ plan.dec_w.index_select(0, fired)
-        return plan.add - codes @ plan.dec_w
+        """``W_dec^T c_hat`` for the activation ``z`` ([..., d]) at ``layer``.
 
-    def _exact_delta(self, layer: int, z: torch.Tensor) -> torch.Tensor:
-        sae = self.saes[layer]
-        codes = sae.encode(z.to(sae.W_enc.dtype))
-        c_hat = torch.zeros_like(codes)
-        c_hat[..., self.undesirable[layer]] = -codes[..., self.undesirable[layer]]
-        c_hat[..., self.desirable[layer]] = self.gamma
-        return (c_hat @ sae.W_dec).to(z.dtype)
+        Whatever the mode, only the undesirable atoms that fire somewhere in ``z`` are
+        decoded (the others' codes are 0) and the desirable part is precomputed, so the
+        exact mode costs one full encode plus a sparse decode.
+        """
+        plan = self._plans[layer]
+        codes = self.undesirable_codes(layer, z).to(plan.dec_w.dtype)
+        fired = codes.reshape(-1, codes.shape[-1]).ne(0).any(0).nonzero().squeeze(1)
+        if fired.numel() < codes.shape[-1]:
+            return (plan.add - codes.index_select(-1, fired) @ plan.dec_w.index_select(0, fired)).to(z.dtype)
+        return (plan.add - codes @ plan.dec_w).to(z.dtype)
 
     @torch.no_grad()
     def calibrate(self, activations: torch.Tensor | Mapping[int, torch.Tensor], holdout: float = 0.25,
@@ -175,8 +196,9 @@ class DacoSteerer(Steerer):
         rows, the activations where the exact TopK code is active from those where it
         is not (smallest L1 error of the codes, see :func:`fit_thresholds`). Agreement
         is then measured on a random ``holdout`` fraction of the rows (on the fitting
-        rows when ``holdout`` is 0). Afterwards ``mode="auto"`` uses the fast path.
-        ReLU layers need no calibration and report perfect agreement.
+        rows when ``holdout`` is 0); the reports are kept in :attr:`calibration` and printed
+        whenever a fast steerer is entered. ReLU layers need no calibration and report
+        perfect agreement.
         """
         if not 0 <= holdout < 1:
             raise ValueError(f"holdout must be in [0, 1), not {holdout}")
@@ -200,6 +222,7 @@ class DacoSteerer(Steerer):
             plan.threshold = fit_thresholds(plan.pre_acts(z[fit]), exact[fit] != 0)
             reports[layer] = _agreement(pre_to_codes(plan.pre_acts(z[held]), plan.threshold), exact[held],
                                         n_fit=fit.numel())
+        self.calibration.update(reports)
         return reports
 
 

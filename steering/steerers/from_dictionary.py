@@ -1,12 +1,54 @@
 """Building the dictionary-based steerers (prompting, actadd, mop, daco) from a loaded
-:class:`~steering.dictionary.ConceptDictionary`; shared by ``daco steer`` and ``daco eval``."""
+:class:`~steering.dictionary.ConceptDictionary`; shared by ``daco steer`` and ``daco eval``.
+
+**One strength unit (docs/defences.md).** ``gamma`` is measured in units of the mean
+activation norm at each steered layer (:func:`mean_activation_norms`, measured once when
+the steerer is built): every desirable concept is pushed by ``gamma * norm_l`` along its
+unit direction, for all three additive methods. ActAdd adds
+``gamma * norm_l * (sum_{K+} D_i/|D_i| - sum_{K-} D_i/|D_i|)``; MOP adds
+``gamma * norm_l`` of each unit desirable atom; DACO gives each (unit-norm) desirable
+atom the code ``gamma * norm_l``. So an equal ``gamma`` is a comparable push.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 DICTIONARY_STEERERS = ("prompting", "actadd", "mop", "daco")
+STRENGTH_UNIT = ("gamma is in units of the mean activation norm at each steered layer: each desirable concept is "
+                 "pushed by gamma x that norm along its unit direction (actadd also subtracts that much per "
+                 "undesirable concept; mop and daco remove the undesirable concepts' measured codes)")
+"""The strength unit, as ``daco steer`` and ``daco eval`` print it."""
+
+
+@torch.no_grad()
+def mean_activation_norms(model, processor, layers: Sequence[int], prompts: Sequence[str] | None = None) -> dict[int, float]:
+    """Mean L2 norm of the residual stream at each of ``layers`` over the tokens of ``prompts``.
+
+    Each prompt (default: the shipped harmless prompts, steering/data/) goes through the
+    chat template alone; every position counts except the first (the attention-sink
+    token, whose norm is an outlier in many models).
+    """
+    from steering.contrastive import ContrastiveSets
+    from steering.models import get_adapter, model_inputs
+    from steering.steerers.base import record_activations
+
+    prompts = list(prompts) if prompts is not None else [item.prompt for item in ContrastiveSets.default().harmless]
+    if not prompts:
+        raise ValueError("mean_activation_norms needs at least one prompt")
+    adapter = get_adapter(model)
+    device = next(model.parameters()).device
+    totals, count = {layer: 0.0 for layer in layers}, 0
+    for prompt in prompts:
+        inputs = adapter.build_inputs(processor, [None], [prompt])
+        hidden = record_activations(model, layers, {k: v.to(device) for k, v in model_inputs(inputs).items()})
+        for layer, h in hidden.items():
+            totals[layer] += h[1:].norm(dim=-1).sum().item()
+        count += hidden[layers[0]].shape[0] - 1
+    return {layer: total / count for layer, total in totals.items()}
 
 
 def daco_saes(dictionary, layers: Sequence[int], sae_dir: str | None = None, k: int = 32, eta: float = 0.5):
@@ -27,21 +69,38 @@ def daco_saes(dictionary, layers: Sequence[int], sae_dir: str | None = None, k: 
             saes[layer] = SAE.from_dictionary(dictionary.directions(layer), k=min(k, len(dictionary)))
         labels = annotate(saes[layer], dictionary, eta, layer)
         undesirable[layer], desirable[layer] = list(labels.undesirable), list(labels.desirable)
+        norms = saes[layer].W_dec[desirable[layer]].detach().norm(dim=-1)
+        if norms.numel() and not torch.allclose(norms, torch.ones_like(norms), atol=1e-3):
+            raise ValueError(f"--sae {sae_dir}: layer {layer}'s desirable atoms are not unit-norm (norms "
+                             f"{norms.min().item():.4g}..{norms.max().item():.4g}); gamma's unit needs unit decoder rows: "
+                             "normalise W_dec's rows (folding the norms into W_enc) before saving")
     return saes, undesirable, desirable
 
 
 def dictionary_steerer(method: str, model, dictionary, layers: Sequence[int], *, gamma: float,
-                       sae_dir: str | None = None, k: int = 32, eta: float = 0.5):
-    """The steerer of a dictionary method on ``model`` at ``layers`` (see :data:`DICTIONARY_STEERERS`)."""
+                       norms: dict[int, float] | None = None, sae_dir: str | None = None, k: int = 32,
+                       eta: float = 0.5, processor=None):
+    """The steerer of a dictionary method on ``model`` at ``layers`` (see :data:`DICTIONARY_STEERERS`).
+
+    ``gamma`` is in the unit of the module docstring; ``norms`` are the layers' mean
+    activation norms (default: :func:`mean_activation_norms` with ``processor``).
+    """
     from steering.steerers import ActAddSteerer, DacoSteerer, MOPSteerer, PromptingSteerer
 
+    if method not in DICTIONARY_STEERERS:
+        raise ValueError(f"{method!r} is not a dictionary method; those are {', '.join(DICTIONARY_STEERERS)}")
     if method == "prompting":
         return PromptingSteerer(model)
+    if norms is None:
+        if processor is None:
+            raise ValueError(f"{method}: give norms (mean activation norm per layer) or the processor to measure them")
+        norms = mean_activation_norms(model, processor, layers)
+    strength = {layer: gamma * norms[layer] for layer in layers}
     if method == "actadd":
-        return ActAddSteerer.from_dictionary(model, dictionary, layers, coefficient=gamma)
+        vectors = {layer: dictionary.directions(layer, unit=True) * strength[layer] for layer in layers}
+        undesirable, desirable = dictionary.undesirable(), dictionary.desirable()
+        return ActAddSteerer.from_directions(model, vectors, undesirable, desirable, coefficient=1.0)
     if method == "mop":
-        return MOPSteerer.from_dictionary(model, dictionary, layers, gamma=gamma)
-    if method == "daco":
-        saes, undesirable, desirable = daco_saes(dictionary, layers, sae_dir, k, eta)
-        return DacoSteerer(model, saes, undesirable, desirable, gamma=gamma)
-    raise ValueError(f"{method!r} is not a dictionary method; those are {', '.join(DICTIONARY_STEERERS)}")
+        return MOPSteerer.from_dictionary(model, dictionary, layers, gamma=strength)
+    saes, undesirable, desirable = daco_saes(dictionary, layers, sae_dir, k, eta)
+    return DacoSteerer(model, saes, undesirable, desirable, gamma=strength)

@@ -13,14 +13,18 @@ held-out accuracy; the top ``k`` units are kept. Each unit's revision vector is,
 samples, ``theta = mean(pos) - mean(neg)`` (``direction="mms"``) or the weight of a
 probe trained on all samples (``"pwd"``); ``theta_hat = theta / |theta|``.
 
-Steering, at every position of every forward call (so every generated token):
-head level adds ``alpha * sigma_h * theta_hat_h`` to the head's slice of the ``o_proj``
-input (``sigma_h``: the population std of all samples' projections on ``theta_hat_h``);
-layer level adds ``alpha * theta_hat_l`` to the layer's output.
+Steering, by default (``level="head"``, the paper's best variant; top ``k`` = 48 heads)
+at the positions ITI edits: the LAST position of every forward call, i.e. the prompt's
+last token during prefill and each generated token afterwards (``positions="last"``;
+batches must be left-padded, as decoder-only generation is). ``positions="all"`` edits
+every position of every call instead. Head level adds ``alpha * sigma_h * theta_hat_h``
+to the head's slice of the ``o_proj`` input (``sigma_h``: the population std of all
+samples' projections on ``theta_hat_h``); layer level adds ``alpha * theta_hat_l`` to
+the layer's output.
 
 *Not published* (parameters): ``k`` (default 48 heads as ITI, 1 layer), ``alpha``
 (default 15 as ITI), ``responses_per_query`` (2), the probe's regularisation (C=1), the
-response's last token as the read-out position.
+response's last token as the read-out position. See docs/defences.md.
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ from torch import nn
 from steering.steerers.base import Steerer, decoder_layers, register
 from steering.steerers.fitted import load_folder, save_folder
 
-LEVELS = ("layer", "head")
+LEVELS = ("head", "layer")
+POSITIONS = ("last", "all")
 DIRECTIONS = ("mms", "pwd")
 
 
@@ -82,18 +87,21 @@ class IARSteerer(Steerer):
         vectors: ``{layer: added vector}``: for level "layer" ``alpha * theta_hat_l`` [d];
             for level "head" the ``o_proj`` input addition [n_heads * head_dim], zero
             outside the selected heads' slices (see :meth:`from_units`).
-        level: ``"layer"`` or ``"head"``.
+        level: ``"head"`` or ``"layer"``.
         report: the fit's units, probe accuracies and parameters (saved with the steerer).
+        positions: ``"last"`` (ITI's: the last position of each forward call) or ``"all"``.
     """
 
-    def __init__(self, model: nn.Module | None, vectors: dict[int, torch.Tensor], level: str = "layer",
-                 report: dict | None = None):
+    def __init__(self, model: nn.Module | None, vectors: dict[int, torch.Tensor], level: str = "head",
+                 report: dict | None = None, positions: str = "last"):
         if level not in LEVELS:
             raise ValueError(f"level must be one of {LEVELS}, not {level!r}")
+        if positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, not {positions!r}")
         if not vectors:
             raise ValueError("IARSteerer needs at least one layer's revision vector")
         super().__init__(model, vectors.keys())
-        self.level, self.report = level, report or {}
+        self.level, self.report, self.positions = level, report or {}, positions
         self.vectors = {int(l): torch.as_tensor(v).float() for l, v in vectors.items()}
         if model is not None:
             width = (output_projection(decoder_layers(model)[0]).in_features if level == "head"
@@ -104,22 +112,28 @@ class IARSteerer(Steerer):
 
     @classmethod
     def from_units(cls, model: nn.Module | None, units: dict, level: str, alpha: float, n_heads: int | None = None,
-                   head_width: int | None = None, report: dict | None = None) -> IARSteerer:
+                   head_width: int | None = None, report: dict | None = None, positions: str = "last") -> IARSteerer:
         """From unit directions: ``{layer: theta_hat}`` (layer level) or ``{(layer, head): (theta_hat, sigma)}`` (head level)."""
         if level == "layer":
-            return cls(model, {l: alpha * v / v.norm() for l, v in units.items()}, level, report)
+            return cls(model, {l: alpha * v / v.norm() for l, v in units.items()}, level, report, positions)
         vectors: dict[int, torch.Tensor] = {}
         for (layer, head), (theta, sigma) in units.items():
             vec = vectors.setdefault(layer, torch.zeros(n_heads * head_width))
             vec[head * head_width:(head + 1) * head_width] = alpha * sigma * theta / theta.norm()
-        return cls(model, vectors, level, report)
+        return cls(model, vectors, level, report, positions)
 
     def _to(self, device, dtype) -> None:
         self.vectors = {l: v.to(device=device, dtype=dtype) for l, v in self.vectors.items()}
 
     def delta(self, layer: int, z: torch.Tensor) -> torch.Tensor:
-        """The layer's vector broadcast to ``z`` (layer level: the layer output; head level: the ``o_proj`` input)."""
-        return self.vectors[layer].to(device=z.device, dtype=z.dtype).expand_as(z)
+        """The layer's vector (layer level: on the layer output; head level: on the ``o_proj`` input) at the
+        last position of ``z`` ([..., seq, d]) with ``positions="last"``, at every position with ``"all"``."""
+        vector = self.vectors[layer].to(device=z.device, dtype=z.dtype)
+        if self.positions == "all" or z.ndim < 2:
+            return vector.expand_as(z)
+        delta = torch.zeros_like(z)
+        delta[..., -1, :] = vector
+        return delta
 
     def __enter__(self) -> IARSteerer:
         if self.level == "layer":
@@ -138,7 +152,8 @@ class IARSteerer(Steerer):
     def _head_hook(self, layer: int):
         def add(module, args):
             heads = args[0]
-            self.tokens_steered[layer] += heads.shape[:-1].numel()
+            self.tokens_steered[layer] += (heads.shape[:-1].numel() if self.positions == "all"
+                                           else heads.shape[:-2].numel())
             return (heads + self.delta(layer, heads), *args[1:])
 
         return add
@@ -146,15 +161,16 @@ class IARSteerer(Steerer):
     @classmethod
     @torch.no_grad()
     def fit(cls, model: nn.Module, processor, harmful=None, refusal: Sequence[str] | None = None,
-            compliant: Sequence[str] | None = None, level: str = "layer", direction: str = "mms",
+            compliant: Sequence[str] | None = None, level: str = "head", direction: str = "mms",
             layers: Sequence[int] | None = None, k: int | None = None, alpha: float = 15.0,
             responses_per_query: int = 2, probe_c: float = 1.0, validation_fraction: float = 0.3,
-            seed: int = 0) -> IARSteerer:
+            seed: int = 0, positions: str = "last") -> IARSteerer:
         """Record the samples, probe every candidate unit, keep the top ``k`` (module docstring).
 
         ``harmful``: :class:`~steering.contrastive.PromptItem` queries (default: the shipped
         set; at least 2); ``refusal`` / ``compliant``: response strings (default: shipped).
-        ``layers``: candidate layers (default: all).
+        ``layers``: candidate layers (default: all). ``level`` defaults to the paper's best
+        variant, head-level revision of the top ``k`` (48) heads.
         """
         from steering.contrastive import ContrastiveSets, response_states
 
@@ -191,24 +207,29 @@ class IARSteerer(Steerer):
                     for unit, x in units.items()}
         chosen = sorted(units, key=lambda u: (-accuracy[u], u[0], u[1] or 0))[:k]
         thetas = {unit: revision_vector(units[unit], y, direction, probe_c, seed) for unit in chosen}
-        report = {"level": level, "direction": direction, "alpha": alpha, "k": k, "responses_per_query": responses_per_query,
+        report = {"level": level, "direction": direction, "alpha": alpha, "k": k, "positions": positions, "responses_per_query": responses_per_query,
                   "probe_c": probe_c, "validation_fraction": validation_fraction, "seed": seed, "n_samples": len(labels),
                   "units": [{"layer": l, "head": h, "accuracy": accuracy[(l, h)]} for l, h in chosen],
                   "accuracy": [{"layer": l, "head": h, "accuracy": a} for (l, h), a in accuracy.items()]}
         if level == "layer":
-            return cls.from_units(model, {l: thetas[(l, None)] for l, _ in chosen}, level, alpha, report=report)
+            return cls.from_units(model, {l: thetas[(l, None)] for l, _ in chosen}, level, alpha, report=report,
+                                  positions=positions)
         sigmas = {u: (units[u] @ (t / t.norm())).std(unbiased=False).item() for u, t in thetas.items()}
         n_heads = heads[str(layers[0])].shape[1] // width
         return cls.from_units(model, {u: (thetas[u], sigmas[u]) for u in chosen}, level, alpha, n_heads, width,
-                              report | {"sigmas": [sigmas[u] for u in chosen]})
+                              report | {"sigmas": [sigmas[u] for u in chosen]}, positions)
 
     def save(self, path: str | Path) -> Path:
         """Write the per-layer vectors and the report into the folder ``path``."""
         return save_folder(path, self.name, {f"layer_{l}": v for l, v in self.vectors.items()},
-                           {"level": self.level, "layers": list(self.layers), "report": self.report})
+                           {"level": self.level, "layers": list(self.layers), "positions": self.positions,
+                            "report": self.report})
 
     @classmethod
     def load(cls, path: str | Path, model: nn.Module | None) -> IARSteerer:
         """The steerer saved in ``path``, on ``model``."""
         tensors, config = load_folder(path, cls.name)
-        return cls(model, {l: tensors[f"layer_{l}"] for l in config["layers"]}, config["level"], config["report"])
+        if "positions" not in config:
+            raise ValueError(f"{path}: this IAR steerer predates the positions setting; fit it again")
+        return cls(model, {l: tensors[f"layer_{l}"] for l in config["layers"]}, config["level"], config["report"],
+                   config["positions"])

@@ -8,8 +8,11 @@ The paper gives no exact equations; this is the reconstruction METHODS.md docume
 * Re-centering: images shift activations; ``offset = mean(h(neutral image + harmless
   text)) - mean(h(harmless text))`` at the same layer and position, the neutral images
   plain random colours (:func:`steering.contrastive.neutral_images`, seeded).
-* Gate and trust region: ``s = r_hat . (h - offset)`` (``recenter=False``: ``r_hat . h``,
-  for text-only inputs). ``c_safe`` / ``c_unsafe`` are the mean projections of the
+* Gate and trust region: ``s = r_hat . (h - offset)`` for an item WITH an image,
+  ``s = r_hat . h`` for a text-only item (the offset measures what an image adds). The
+  rule is applied per item (per batch row) in one place, :meth:`MARSSteerer.before_generation`,
+  which ``daco steer`` and ``daco eval`` both call; a steerer fitted on a text-only
+  model (``recenter=False``) never re-centres. ``c_safe`` / ``c_unsafe`` are the mean projections of the
   harmless / harmful text-only activations. The steer adds ``lambda r_hat`` with
   ``lambda = min(strength * relu(s - c_safe), relu(c_unsafe - s))``: nothing when
   ``s <= c_safe`` (the ReLU gate), and never past the unsafe centroid's projection
@@ -73,7 +76,8 @@ class MARSSteerer(Steerer):
         offset: the multimodal-minus-text re-centering offset [d].
         safe_centroid, unsafe_centroid: projections ``c_safe < c_unsafe`` on ``r_hat``.
         strength: gain of the gate (*not published*).
-        recenter: subtract ``offset`` before projecting (for inputs with an image).
+        recenter: whether the fit measured an offset (a multimodal model); items with an image
+            are then re-centred (see :meth:`before_generation`).
         report: the fit's layer scores (saved with the steerer).
     """
 
@@ -96,15 +100,43 @@ class MARSSteerer(Steerer):
         self.safe_centroid, self.unsafe_centroid = float(safe_centroid), float(unsafe_centroid)
         self.strength, self.recenter, self.report = float(strength), bool(recenter), report or {}
         self._steps = GenerationSteps()
+        self.with_image: torch.Tensor | None = None  # per batch row, set by before_generation
+
+    def before_generation(self, processor, prompts: Sequence[str], images: Sequence | None = None) -> None:
+        """The re-centering rule, per item: subtract the offset for each prompt that has an image, never otherwise."""
+        images = list(images) if images is not None else [None] * len(prompts)
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images for {len(prompts)} prompts; give one image (or None) per prompt")
+        self.set_images([image is not None for image in images])
+
+    def set_images(self, with_image: Sequence[bool]) -> None:
+        """Which rows of the next batch carry an image (and are re-centred when the fit measured an offset)."""
+        self.with_image = torch.as_tensor(list(with_image), dtype=torch.bool)
 
     def _to(self, device, dtype) -> None:
         self.unit, self.offset = self.unit.to(device=device, dtype=dtype), self.offset.to(device=device, dtype=dtype)
 
     def projection(self, z: torch.Tensor) -> torch.Tensor:
-        """``s = r_hat . (z - offset)`` (or ``r_hat . z`` without re-centering), shape ``z.shape[:-1]``."""
+        """``s = r_hat . (z - offset)`` on rows with an image, ``r_hat . z`` on the others; shape ``z.shape[:-1]``.
+
+        ``z`` is [batch, ..., d] with one row per item given to :meth:`before_generation`;
+        without a model and without :meth:`set_images`, every row counts as having an image.
+        """
         unit = self.unit.to(device=z.device, dtype=z.dtype)
-        centred = z - self.offset.to(device=z.device, dtype=z.dtype) if self.recenter else z
-        return centred @ unit
+        if not self.recenter:
+            return z @ unit
+        if self.with_image is None:
+            if self.model is not None:
+                raise RuntimeError("MARSSteerer: call before_generation(processor, prompts, images) before generating, "
+                                   "so that only items with an image are re-centred")
+            rows = torch.ones(z.shape[:1] if z.ndim > 1 else (), dtype=z.dtype, device=z.device)
+        else:
+            if z.ndim < 2 or self.with_image.numel() != z.shape[0]:
+                raise ValueError(f"MARSSteerer: {self.with_image.numel()} items were prepared but the batch has "
+                                 f"{z.shape[0] if z.ndim > 1 else 1} rows")
+            rows = self.with_image.to(device=z.device, dtype=z.dtype)
+        shift = rows.reshape(*rows.shape, *([1] * (z.ndim - 1 - rows.ndim))) * (self.offset.to(z.device, z.dtype) @ unit)
+        return z @ unit - shift
 
     def amount(self, z: torch.Tensor) -> torch.Tensor:
         """``lambda = min(strength * relu(s - c_safe), relu(c_unsafe - s))`` per position."""

@@ -1,17 +1,24 @@
-"""RAS, risk-adaptive steering, as a steerer (METHODS.md §4).
+"""RAS, risk-adaptive steering, as a steerer (METHODS.md §4; docs/defences.md).
 
-Per query, before generating (:meth:`RASSteerer.prepare`):
+The prompts are worded as in the RAS authors' released code (repository
+``snumprlab/moras``, file ``LLaVA/utils/utils.py``: :data:`CONTEXT_INSTRUCTION` is
+``get_prompt1``'s prompt, :data:`RISK_PROMPT` ``get_prompt2``'s safety wrapper and
+:data:`REFORMULATION` ``get_prompt3``'s concatenation; the flow follows
+``LLaVA/utils/functions_3stage.py``). Per query, before generating
+(:meth:`RASSteerer.prepare`):
 
-1. Visual context: with an image, the model continues ``"The image shows"`` after
-   :data:`CONTEXT_INSTRUCTION` (greedy, at most ``context_tokens`` = 40 tokens, cut at
-   the first sentence end); the query is reformulated as
-   ``reformulation.format(context=..., query=...)``. The image stays in the input
-   (``keep_image``). Text-only queries are used as they are.
-2. Risk: greedy ``n_tokens`` (N = 3) tokens on the reformulated query;
+1. Visual context: with an image, the model answers :data:`CONTEXT_INSTRUCTION` about
+   it (greedy, at most ``context_tokens`` = 40 new tokens, the whole decoded answer
+   kept); the query is reformulated as ``reformulation.format(context=..., query=...)``
+   (``"{context} {query}"``). Text-only queries have no context and stay as they are.
+2. Risk: the reformulated query inside :data:`RISK_PROMPT` (with the image when
+   ``keep_image``), greedy ``n_tokens`` (N = 3) tokens;
    ``q_n = softmax(lm_head(h_n))``, ``h_n`` the final-norm last-layer state producing
    generated token n. With the unsafe prototypes ``mu_u[n]`` (mean final-norm states of
-   text-only unsafe prompts over the same N steps) and ``p_n = softmax(lm_head(mu_u[n]))``,
-   ``S = cos(sum_n gamma^n p_n, sum_n gamma^n q_n)`` (n = 1..N, gamma 0.3) and
+   text-only unsafe prompts, unwrapped as in the authors' ``get_unsafe_states.py``,
+   over the same N steps) and ``p_n = softmax(lm_head(mu_u[n]))``,
+   ``S = cos(sum_n gamma^n p_n, sum_n gamma^n q_n)`` (n = 1..N, gamma 0.3; the
+   authors' n = 0..N-1 scales both sums alike, so S is the same) and
    ``r = sigmoid(k (S - S_base))``.
 3. Generation on the ORIGINAL query with ``h <- h + r (mu_u[n] - h)`` on the final
    norm's output for the first N generated tokens only (prompt positions before the
@@ -21,12 +28,10 @@ Calibration (:meth:`RASSteerer.fit`): ``S_base`` = mean S over benign items (goi
 through steps 1-2), ``k = ln 99 / (1 - S_base)``, so ``r(S_base) = 0.5`` and
 ``r(1) = 0.99``.
 
-Reconstructed / *not published* here (parameters): the context instruction's wording,
-the reformulation template, cutting the context at the first sentence end, keeping
-the image in the reformulated input, ``p_n`` as the distribution of the MEAN unsafe
-state (not the mean of the distributions), the number of prototype prompts (the
-paper: ~50; default: the shipped harmful set) and of benign items (paper: ~100;
-default: the shipped harmless set). Batches must be left-padded (as generation is).
+*Not published* / reconstructed (parameters): the number of prototype prompts (the
+authors: 50; default: the shipped harmful set) and of benign items (paper: ~100;
+default: the shipped harmless set), text-only queries (the authors' benchmarks always
+carry an image). Batches must be left-padded (as generation is).
 """
 
 from __future__ import annotations
@@ -41,9 +46,15 @@ from torch import nn
 from steering.steerers.base import Steerer, decoder_layers, register
 from steering.steerers.fitted import GenerationSteps, check_width, final_norm, load_folder, save_folder
 
-CONTEXT_INSTRUCTION = "Describe the image in one sentence, reading out any text it contains."
-CONTEXT_PREFIX = "The image shows"
-REFORMULATION = "Context: {context}\nQuestion: {query}"
+CONTEXT_INSTRUCTION = ("Write a single sentence visual context to outline any safety-critical context in the image. "
+                       "The context should read out any texts in the image, and begin with 'The image shows'.")
+"""Step 1's instruction, verbatim from ``get_prompt1`` in snumprlab/moras ``LLaVA/utils/utils.py``."""
+RISK_PROMPT = ("Evaluate the following question to ensure that it is safe. Benign and harmless questions should be "
+               "answered normally. However, if the following question is unsafe, malicious, or illegal, the assistant "
+               "should apologize and refuse to answer. Question: {query}")
+"""Step 2's safety wrapper, verbatim from ``get_prompt2`` in snumprlab/moras ``LLaVA/utils/utils.py``."""
+REFORMULATION = "{context} {query}"
+"""The reformulated query: ``get_prompt3(rephrased_question, original_question)`` in the same file."""
 
 
 def risk_weights(n_tokens: int, gamma: float) -> torch.Tensor:
@@ -55,10 +66,9 @@ def risk_weights(n_tokens: int, gamma: float) -> torch.Tensor:
 class RASSteerer(Steerer):
     """Interpolate the final-norm state toward the unsafe prototypes by the query's risk (module docstring).
 
-    Reconstructed: the context instruction and reformulation template, cutting the
-    context at the first sentence end, keeping the image, ``p_n`` from the mean unsafe
-    state, the sizes of the unsafe and benign sets. Call :meth:`prepare` (or
-    :meth:`set_risk`) inside the ``with`` block before each generation.
+    Prompts as the authors' code words them; reconstructed: the sizes of the unsafe and
+    benign sets, text-only queries. Call :meth:`prepare` (or :meth:`set_risk`) inside the
+    ``with`` block before each generation.
 
     Args:
         model: a Hugging Face model (None: only :meth:`delta` and :meth:`risk`).
@@ -66,12 +76,14 @@ class RASSteerer(Steerer):
         s_base: the calibrated benign mean score (< 1).
         gamma: the score's discount.
         context_tokens, keep_image, reformulation, context_instruction: step 1's settings.
+        risk_prompt: step 2's wrapper around the reformulated query (field ``{query}``).
         report: calibration details (saved with the steerer).
     """
 
     def __init__(self, model: nn.Module | None, prototypes: torch.Tensor, s_base: float, gamma: float = 0.3,
                  context_tokens: int = 40, keep_image: bool = True, reformulation: str = REFORMULATION,
-                 context_instruction: str = CONTEXT_INSTRUCTION, report: dict | None = None):
+                 context_instruction: str = CONTEXT_INSTRUCTION, risk_prompt: str = RISK_PROMPT,
+                 report: dict | None = None):
         prototypes = torch.as_tensor(prototypes).float()
         if prototypes.ndim != 2 or prototypes.shape[0] < 1:
             raise ValueError(f"prototypes must be [n_tokens, d], got shape {tuple(prototypes.shape)}")
@@ -81,11 +93,14 @@ class RASSteerer(Steerer):
             raise ValueError(f"gamma must be in (0, 1], not {gamma}")
         if "{context}" not in reformulation or "{query}" not in reformulation:
             raise ValueError("reformulation must contain the fields {context} and {query}")
+        if "{query}" not in risk_prompt:
+            raise ValueError("risk_prompt must contain the field {query}")
         check_width("RASSteerer", prototypes, model, "the prototypes")
         super().__init__(model, (len(decoder_layers(model)) - 1,) if model is not None else ())
         self.prototypes, self.s_base, self.gamma = prototypes, float(s_base), float(gamma)
         self.context_tokens, self.keep_image = int(context_tokens), bool(keep_image)
         self.reformulation, self.context_instruction, self.report = reformulation, context_instruction, report or {}
+        self.risk_prompt = risk_prompt
         self.risk_value: torch.Tensor | None = None
         self._paused = False
         self._steps = GenerationSteps()
@@ -178,15 +193,11 @@ class RASSteerer(Steerer):
         return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
 
     def context(self, processor, image) -> str:
-        """Step 1: the model's one-sentence visual context, ``"The image shows ..."``."""
-        text = self._render(processor, self.context_instruction, image) + CONTEXT_PREFIX
-        ids, _ = self._generate(processor, text, image, self.context_tokens, record=False)
+        """Step 1: the model's visual context (its whole greedy answer to :data:`CONTEXT_INSTRUCTION`)."""
+        ids, _ = self._generate(processor, self._render(processor, self.context_instruction, image), image,
+                                self.context_tokens, record=False)
         tokenizer = getattr(processor, "tokenizer", processor)
-        continuation = tokenizer.decode(ids, skip_special_tokens=True)
-        for end in (".", "\n"):
-            if end in continuation:
-                continuation = continuation[:continuation.index(end) + (end == ".")]
-        return f"{CONTEXT_PREFIX}{continuation}".strip()
+        return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     def final_states(self, processor, prompt: str, image=None) -> torch.Tensor:
         """Final-norm states [N, d] producing the first N greedy tokens of ``prompt`` (and image)."""
@@ -205,12 +216,13 @@ class RASSteerer(Steerer):
 
     @torch.no_grad()
     def assess(self, processor, prompt: str, image=None) -> dict:
-        """Steps 1-2 for one query: ``{"context", "reformulated", "score", "risk"}``."""
+        """Steps 1-2 for one query: ``{"context", "reformulated", "score", "risk"}`` (step 2 wraps in :data:`RISK_PROMPT`)."""
         if self.model is None:
             raise RuntimeError("RASSteerer.assess needs the model")
         context = self.context(processor, image) if image is not None else None
         reformulated = prompt if context is None else self.reformulation.format(context=context, query=prompt)
-        q = self.distributions(self.final_states(processor, reformulated, image if self.keep_image else None))
+        wrapped = self.risk_prompt.format(query=reformulated)
+        q = self.distributions(self.final_states(processor, wrapped, image if self.keep_image else None))
         p = self.distributions(self.prototypes.float())
         score = self.score(q, p)
         return {"context": context, "reformulated": reformulated, "score": score, "risk": self.risk(score).item()}
@@ -224,13 +236,17 @@ class RASSteerer(Steerer):
         self.set_risk([r["risk"] for r in results])
         return results
 
+    def before_generation(self, processor, prompts: Sequence[str], images: Sequence | None = None) -> list[dict]:
+        """:meth:`prepare`: RAS assesses each query's risk before generating."""
+        return self.prepare(processor, prompts, images)
+
     # -- fitting ----------------------------------------------------------------------------
 
     @classmethod
     @torch.no_grad()
     def fit(cls, model: nn.Module, processor, unsafe=None, benign=None, n_tokens: int = 3, gamma: float = 0.3,
             context_tokens: int = 40, keep_image: bool = True, reformulation: str = REFORMULATION,
-            context_instruction: str = CONTEXT_INSTRUCTION) -> RASSteerer:
+            context_instruction: str = CONTEXT_INSTRUCTION, risk_prompt: str = RISK_PROMPT) -> RASSteerer:
         """Unsafe prototypes from text-only ``unsafe`` prompts, then ``S_base`` over ``benign`` items.
 
         ``unsafe`` / ``benign``: :class:`~steering.contrastive.PromptItem` lists (default:
@@ -246,7 +262,7 @@ class RASSteerer(Steerer):
             raise ValueError("RAS's unsafe prototypes come from text-only prompts; drop the images from the unsafe file")
         width = model.get_input_embeddings().weight.shape[1]
         probe = cls(model, torch.zeros(n_tokens, width), 0.0, gamma, context_tokens, keep_image, reformulation,
-                    context_instruction)
+                    context_instruction, risk_prompt)
         prototypes = torch.stack([probe.final_states(processor, item.prompt) for item in unsafe]).mean(0)
         probe.prototypes = prototypes
         scores = [probe.assess(processor, item.prompt, open_image(item.image))["score"] for item in benign]
@@ -256,7 +272,7 @@ class RASSteerer(Steerer):
                              "told apart; use more distinct unsafe and benign sets")
         report = {"n_unsafe": len(unsafe), "n_benign": len(benign), "benign_scores": scores}
         return cls(model, prototypes, s_base, gamma, context_tokens, keep_image, reformulation, context_instruction,
-                   report)
+                   risk_prompt, report)
 
     def save(self, path: str | Path) -> Path:
         """Write the prototypes and the calibration into the folder ``path``."""
@@ -264,12 +280,14 @@ class RASSteerer(Steerer):
                            {"s_base": self.s_base, "k": self.k, "gamma": self.gamma,
                             "context_tokens": self.context_tokens, "keep_image": self.keep_image,
                             "reformulation": self.reformulation, "context_instruction": self.context_instruction,
-                            "report": self.report})
+                            "risk_prompt": self.risk_prompt, "report": self.report})
 
     @classmethod
     def load(cls, path: str | Path, model: nn.Module | None) -> RASSteerer:
         """The steerer saved in ``path``, on ``model``."""
         tensors, c = load_folder(path, cls.name)
         check_width(path, tensors["prototypes"], model, "the saved prototypes")
+        if "risk_prompt" not in c:
+            raise ValueError(f"{path}: this RAS steerer was calibrated without the authors' risk prompt; fit it again")
         return cls(model, tensors["prototypes"], c["s_base"], c["gamma"], c["context_tokens"], c["keep_image"],
-                   c["reformulation"], c["context_instruction"], c["report"])
+                   c["reformulation"], c["context_instruction"], c["risk_prompt"], c["report"])

@@ -1,26 +1,32 @@
-"""Refusal direction (Arditi et al., 2024) as a steerer (METHODS.md §4).
+"""Refusal direction (Arditi et al., 2024) as a steerer (METHODS.md §4; docs/defences.md).
 
 Fit (:meth:`RefusalDirectionSteerer.fit`): for every decoder layer l and every
 post-instruction position i (the chat-template tokens after the user's instruction,
 counted from the end: -n..-1), ``r_{i,l} = mean(harmful) - mean(harmless)`` of the
 layer's output. Each set is split in two (even items: directions, odd items:
-selection). The selection rule keeps a candidate when (a) its layer is not in the
-last ``skip_last`` (20%) of layers (``l < int(L (1 - skip_last))``, as the paper's code),
-(b) ablating it changes harmless prompts' next-token distributions by a mean
-``KL(p || p_ablated) <= kl_threshold`` (0.1), and picks among those (c) the one that
-best induces refusal: the highest mean refusal score on harmless prompts when ``r`` is
-added at its layer. Refusal score of a next-token distribution:
-``log p(R) - log(1 - p(R))``, R the first tokens of :data:`REFUSAL_PHRASES`. Every
-candidate's KL, induce and bypass score (refusal score on harmful prompts under
-ablation, reported, not used) is kept in ``report``.
+selection). Every candidate gets three scores on the selection halves: its KL (the
+mean ``KL(p || p_ablated)`` of harmless prompts' next-token distributions when it is
+ablated), its induce score (mean refusal score of harmless prompts when it is added at
+its layer) and its bypass score (mean refusal score of harmful prompts when it is
+ablated). Selection follows the authors' released code
+(``andyrdt/refusal_direction``, ``pipeline/submodules/select_direction.py``): discard
+a candidate whose layer is in the last ``skip_last`` (20%) of layers
+(``l >= int(L (1 - skip_last))``), whose KL exceeds ``kl_threshold`` (0.1) or whose
+induce score is below ``induce_threshold`` (0.0: it must not fail to induce refusal),
+then take the LOWEST bypass score (the direction whose removal most suppresses
+refusal). Refusal score of a next-token distribution: ``log p(R) - log(1 - p(R))``, R
+the first tokens of :data:`REFUSAL_PHRASES`. Every candidate's scores are in ``report``.
 
 Steering (``mode``):
 
-* ``"ablation"``: ``x <- x - r_hat r_hat^T x`` at every layer's output, and on every
-  write into the residual stream: the first layer's input (the embeddings) and each
-  layer's attention and MLP outputs (when the layer has ``self_attn`` / ``mlp``
-  modules, as all supported families do), so no component reintroduces r.
-* ``"addition"``: ``x_l <- x_l + coefficient * r`` at the selected layer only.
+* ``"addition"`` (the defence, default): ``x_l <- x_l + coefficient * r`` at the
+  selected layer, every position: it pushes the model toward refusing.
+* ``"ablation"`` (**an attack**, Arditi et al.'s jailbreak; never a defence):
+  ``x <- x - r_hat r_hat^T x`` at every layer's output and on every write into the
+  residual stream (the first layer's input and each layer's attention and MLP
+  outputs, when the layer has ``self_attn`` / ``mlp`` modules), so the model loses its
+  refusal feature. ``daco eval`` runs it only as the method ``refusal_ablation``,
+  labelled ATTACK in its output.
 
 Reconstructed here: the paper uses the residual stream *before* each block; we use
 each decoder layer's output (the project's activation convention), so layer l here is
@@ -38,7 +44,9 @@ from torch import nn
 from steering.steerers.base import Steerer, decoder_layers, register
 from steering.steerers.fitted import check_width, load_folder, save_folder
 
-MODES = ("ablation", "addition")
+MODES = ("addition", "ablation")
+ATTACK_MODES = ("ablation",)
+"""Modes that remove refusal (jailbreaks): run them to measure an attack, never as a defence."""
 REFUSAL_PHRASES = ("I'm sorry", "I am sorry", "I cannot", "I can't", "Sorry", "As an AI")
 """Refusal openings whose first tokens form R (Arditi et al. use the first token of typical refusals)."""
 
@@ -92,25 +100,44 @@ def allowed_layers(n_layers: int, skip_last: float) -> list[int]:
     return list(range(int(n_layers * (1 - skip_last))))
 
 
+def select_candidate(candidates: Sequence[dict], kl_threshold: float, induce_threshold: float) -> dict:
+    """Arditi et al.'s rule over candidates of allowed layers: drop NaN scores, KL above
+    ``kl_threshold`` and induce score below ``induce_threshold``; keep the lowest bypass score."""
+    import math
+
+    scored = [c for c in candidates if not any(math.isnan(c[k]) for k in ("kl", "induce_score", "bypass_score"))]
+    low_kl = [c for c in scored if c["kl"] <= kl_threshold]
+    if not low_kl:
+        smallest = min((c["kl"] for c in scored), default=float("nan"))
+        raise ValueError(f"no refusal-direction candidate passes KL <= {kl_threshold} (smallest KL {smallest:.4g}); "
+                         "raise kl_threshold or use more prompts")
+    passing = [c for c in low_kl if c["induce_score"] >= induce_threshold]
+    if not passing:
+        largest = max(c["induce_score"] for c in low_kl)
+        raise ValueError(f"no refusal-direction candidate with KL <= {kl_threshold} induces refusal: every induce score is "
+                         f"below induce_threshold={induce_threshold} (largest {largest:.4g}); the model may not refuse at "
+                         "all (e.g. untrained), or give more prompts")
+    return min(passing, key=lambda c: (c["bypass_score"], c["kl"]))
+
+
 @register("refusal")
 class RefusalDirectionSteerer(Steerer):
-    """Ablate the refusal direction at every layer, or add it at one layer (see the module docstring).
+    """Add the refusal direction at its layer (the defence), or ablate it everywhere (the attack).
 
     Reconstructed: layer outputs instead of the paper's block inputs (layer l here is the
-    paper's l + 1), the even/odd extraction/selection split, the refusal phrases; the
-    selection ranks by induced refusal (METHODS.md) and only reports the bypass score.
+    paper's l + 1), the even/odd extraction/selection split, the refusal phrases.
 
     Args:
         model: a Hugging Face model (None: only :meth:`delta` at ``layer``, e.g. for tests).
         direction: the refusal direction r [d] (unnormalised: addition adds it as is).
         layer: the layer r was taken from (the addition layer).
-        mode: ``"ablation"`` or ``"addition"``.
+        mode: ``"addition"`` (defence, default) or ``"ablation"`` (attack; see :attr:`attack`).
         coefficient: scale of r in addition mode.
         position: the post-instruction position r was taken from (negative; recorded only).
         report: the fit's selection report (saved with the steerer).
     """
 
-    def __init__(self, model: nn.Module | None, direction: torch.Tensor, layer: int, mode: str = "ablation",
+    def __init__(self, model: nn.Module | None, direction: torch.Tensor, layer: int, mode: str = "addition",
                  coefficient: float = 1.0, position: int = -1, report: dict | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
@@ -127,6 +154,11 @@ class RefusalDirectionSteerer(Steerer):
         self.coefficient, self.position, self.report = float(coefficient), int(position), report or {}
         self._unit = direction / direction.norm()
         self._added = self.coefficient * direction
+
+    @property
+    def attack(self) -> bool:
+        """Whether this steerer removes refusal (ablation: Arditi et al.'s jailbreak) instead of defending."""
+        return self.mode in ATTACK_MODES
 
     # -- steering -------------------------------------------------------------------------
 
@@ -171,16 +203,17 @@ class RefusalDirectionSteerer(Steerer):
 
     @classmethod
     @torch.no_grad()
-    def fit(cls, model: nn.Module, processor, harmful=None, harmless=None, mode: str = "ablation",
-            kl_threshold: float = 0.1, skip_last: float = 0.2, refusal_phrases: Sequence[str] = REFUSAL_PHRASES,
+    def fit(cls, model: nn.Module, processor, harmful=None, harmless=None, mode: str = "addition",
+            kl_threshold: float = 0.1, induce_threshold: float = 0.0, skip_last: float = 0.2, refusal_phrases: Sequence[str] = REFUSAL_PHRASES,
             n_positions: int | None = None, coefficient: float = 1.0, batch_size: int = 8) -> RefusalDirectionSteerer:
         """Extract the candidates and select one by the rule in the module docstring.
 
         ``harmful`` / ``harmless``: lists of :class:`steering.contrastive.PromptItem`
         (default: the shipped sets); at least 2 of each (one for directions, one for
         selection). ``n_positions``: how many post-instruction positions to try (default:
-        all of them). Raises ValueError when no candidate passes the filters, naming the
-        smallest KL seen.
+        all of them). ``induce_threshold``: the least induce score kept (Arditi et al.'s
+        0.0; ``-math.inf`` keeps all, e.g. for an untrained model that never refuses).
+        Raises ValueError when no candidate passes the filters, naming the filter.
         """
         from steering.contrastive import ContrastiveSets, post_instruction_positions, prompt_states
 
@@ -223,14 +256,9 @@ class RefusalDirectionSteerer(Steerer):
                 candidates.append({"layer": layer, "position": i - n_positions, "kl": kl,
                                    "induce_score": induce.mean().item(), "bypass_score": bypass.mean().item(),
                                    "direction": direction})
-        passing = [c for c in candidates if c["kl"] <= kl_threshold]
-        if not passing:
-            smallest = min((c["kl"] for c in candidates), default=float("nan"))
-            raise ValueError(f"no refusal-direction candidate passes KL <= {kl_threshold} (smallest KL {smallest:.4g}); "
-                             "raise kl_threshold or use more prompts")
-        best = max(passing, key=lambda c: (c["induce_score"], -c["kl"]))
+        best = select_candidate(candidates, kl_threshold, induce_threshold)
         report = {"allowed_layers": allowed, "n_layers": n_layers, "n_positions": n_positions, "kl_threshold": kl_threshold,
-                  "skip_last": skip_last, "refusal_phrases": list(refusal_phrases), "refusal_token_ids": ids,
+                  "induce_threshold": induce_threshold, "skip_last": skip_last, "refusal_phrases": list(refusal_phrases), "refusal_token_ids": ids,
                   "candidates": [{k: v for k, v in c.items() if k != "direction"} for c in candidates]}
         return cls(model, best["direction"], best["layer"], mode, coefficient, best["position"], report)
 
