@@ -267,7 +267,7 @@ def build_qwen(shapes: Shapes, smoke: bool, attention: str = "auto", seed: int =
 
     from steering.models import default_dtype, get_adapter
     from steering.models.qwen_vl import CHAT_TEMPLATE
-    from transforms.activations import LoadedMLLM
+    from transforms.activations import LoadedMLLM, MLLMConfig, token_cap
 
     adapter = get_adapter("qwen2_5_vl")
     tokenizer = adapter.build_untrained(seed).processor.tokenizer  # the offline tokenizer (its tiny model is dropped)
@@ -288,7 +288,7 @@ def build_qwen(shapes: Shapes, smoke: bool, attention: str = "auto", seed: int =
         video_processor=Qwen2VLVideoProcessor(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
                                               temporal_patch_size=vision.temporal_patch_size),
         tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
-    return LoadedMLLM(model, processor, adapter)
+    return LoadedMLLM(model, processor, adapter, token_cap(MLLMConfig(), model))
 
 
 def matmul_rate(shapes: Shapes) -> float:
@@ -353,7 +353,7 @@ def figure_capture(loaded, shapes: Shapes, seed: int = 0) -> dict:
 
     # the batches the stage builds (its own cutting and inputs), kept for timing the forwards alone
     recorder = RecordingAdapter(adapter)
-    stage(LoadedMLLM(model, processor, recorder))
+    stage(LoadedMLLM(model, processor, recorder, loaded.max_tokens))
     batches = [inputs.to(model.device) for inputs in recorder.inputs]
     for inputs in batches:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
