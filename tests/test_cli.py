@@ -7,7 +7,8 @@ import pytest
 from pipeline.cli import _command_modules, main as daco
 
 REQUIRED = {"concepts": ["--out", "x"], "corpus": ["--out", "x"], "embed": ["--shards", "x", "--out", "x"],
-            "eval": ["--model", "m", "--bench", "b:p", "--out", "x"], "publish": ["--repo-id", "o/n"],
+            "eval": ["--model", "m", "--bench", "b:p", "--out", "x"],
+            "label": ["--concepts", "c", "--model", "m", "--out", "x"], "publish": ["--repo-id", "o/n"],
             "retrieve": ["--concepts", "c", "--out", "x"], "steer": ["--prompt", "hi"]}
 """Each command's required options, so that parsing reaches the unknown one."""
 

@@ -180,8 +180,9 @@ class DacoSteerer(Steerer):
         """
         plan = self._plans[layer]
         codes = self.undesirable_codes(layer, z).to(plan.dec_w.dtype)
-        fired = codes.reshape(-1, codes.shape[-1]).ne(0).any(0).nonzero().squeeze(1)
-        if fired.numel() < codes.shape[-1]:
+        n_atoms = codes.shape[-1]  # 0 with no undesirable atoms: only the desirable part is added
+        fired = codes.reshape(-1, n_atoms).ne(0).any(0).nonzero().squeeze(1) if n_atoms else codes.new_zeros(0).long()
+        if fired.numel() < n_atoms:
             return (plan.add - codes.index_select(-1, fired) @ plan.dec_w.index_select(0, fired)).to(z.dtype)
         return (plan.add - codes @ plan.dec_w).to(z.dtype)
 
