@@ -12,7 +12,7 @@ every synset crosses a process boundary (measured 0.67x on an idle 2-core machin
 Each run is a fresh interpreter; the two settings are interleaved over ``--rounds`` and
 medians are quoted. The machine is shared, so the load average is recorded with every run.
 
-    .venv/bin/python bench/multiprocess.py [--rounds 3] [--workers auto] [--stage directions|concepts]
+    .venv/bin/python bench/worker_processes.py [--rounds 3] [--workers auto] [--stage directions|concepts]
 
 Writes bench/results/multiprocess.json; prints the speed-up last.
 """
