@@ -21,8 +21,9 @@ def add_arguments(parser):
     parser.add_argument("--gamma", type=float, default=1.0,
                         help="strength: desirable code (daco), desirable amount (mop), coefficient (actadd); default 1")
     parser.add_argument("--sae", default=None, metavar="DIR",
-                        help="daco: folder with one saved SAE per layer as DIR/layer_<l>/ (default: each layer's "
-                             "dictionary-initialised SAE, untrained)")
+                        help="daco: folder with one trained SAE per layer as DIR/layer_<l>/ (`daco train-sae`)")
+    parser.add_argument("--untrained-sae", action="store_true",
+                        help="daco without --sae: each layer's dictionary-initialised SAE, untrained (named in the output)")
     parser.add_argument("--steerers", default=None, metavar="DIR",
                         help="refusal, mars, iar, ras: folder with one saved steerer per method as DIR/<method>/ "
                              "(default: fitted on the shipped contrastive sets and saved under OUT/steerers/<method>/)")
@@ -43,7 +44,7 @@ def run(args, beam_args):
     try:
         config = EvalConfig(model=args.model, methods=args.methods.split(","), benches=[parse_bench(b) for b in args.bench],
                             out=args.out, limit=args.limit, dictionary=args.dictionary, max_new_tokens=args.max_new_tokens,
-                            seed=args.seed, layers=args.layers, gamma=args.gamma, sae=args.sae, steerers=args.steerers, judge=args.judge,
+                            seed=args.seed, layers=args.layers, gamma=args.gamma, sae=args.sae, untrained_sae=args.untrained_sae, steerers=args.steerers, judge=args.judge,
                             judge_model=args.judge_model, device=args.device)
         metrics = run_eval(config)
     except (EvalError, BenchmarkError, FileNotFoundError, ConnectionError) as exc:
