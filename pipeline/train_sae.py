@@ -159,48 +159,117 @@ def iter_stimuli(pattern: str, keys: set[str] | None) -> Iterator[tuple[str, byt
 
 # --------------------------------------------------------------------------- state
 
-class Run:
-    """The live state of one training run: model, trainers, buffer, position, counters."""
+class LayerTraining:
+    """One :class:`~steering.train.SAETrainer` per layer, fed from one shuffle buffer of token rows
+    ``[n, len(layers), d]``: :meth:`push` rows as they come, :meth:`finish` at the end of the data."""
 
-    def __init__(self, out: Path, dictionary, mllm: MLLMConfig, cfg: SAEConfig, shards: str,
-                 keys: set[str] | None, source: str):
-        from steering.sae import SAE
+    def __init__(self, saes: dict, cfg: SAEConfig, device: str):
         from steering.token_activations import ShuffleBuffer
         from steering.train import SAETrainer
 
+        self.layers, self.cfg = sorted(saes), cfg
+        self.trainers = {layer: SAETrainer(saes[layer], lr=cfg.lr, batch_size=cfg.batch_size, k_aux=cfg.k_aux,
+                                           aux_coefficient=cfg.aux_coefficient, dead_window=cfg.dead_window,
+                                           log_every=cfg.log_every, device=device) for layer in self.layers}
+        d = saes[self.layers[0]].d_in
+        self.buffer = ShuffleBuffer(cfg.shuffle_buffer, cfg.batch_size, (len(self.layers), d), seed=cfg.seed)
+        self.scale: list[float] | None = None
+        self.tokens_trained = 0
+
+    @property
+    def step(self) -> int:
+        """Optimiser steps taken (the same for every layer)."""
+        return self.trainers[self.layers[0]].step
+
+    def push(self, rows: torch.Tensor) -> bool:
+        """Buffer ``rows`` and train on what the buffer gives out; False once ``cfg.tokens`` are trained."""
+        while rows.shape[0]:
+            rows = self.buffer.add(rows)
+            if self.buffer.full and not self._train(final=False):
+                return False
+        return True
+
+    def finish(self) -> None:
+        """Train on everything still buffered (the end of a single pass)."""
+        if self.buffer.count or self.buffer.pending.shape[0]:
+            self._train(final=True)
+
+    def _train(self, final: bool) -> bool:
+        if self.scale is None:
+            self.scale = self._estimate_scale()
+        scale = torch.tensor(self.scale).reshape(1, -1, 1)
+        for batch in self.buffer.drain(final=final):
+            if self.cfg.tokens is not None:
+                batch = batch[:self.cfg.tokens - self.tokens_trained]
+            if not batch.shape[0]:
+                return False
+            batch = batch * scale
+            for i, layer in enumerate(self.layers):
+                entry = self.trainers[layer].train_step(batch[:, i])
+                if entry is not None:
+                    print(f"[train-sae] step {entry['step']} layer {layer}: fvu {entry['fvu']:.4f}  "
+                          f"l0 {entry['l0']:.1f}  dead {entry['dead_fraction']:.3f}  aux {entry['aux_loss']:.4f}",
+                          file=sys.stderr, flush=True)
+            self.tokens_trained += batch.shape[0]
+            if self.cfg.tokens is not None and self.tokens_trained >= self.cfg.tokens:
+                return False
+        return True
+
+    def _estimate_scale(self) -> list[float]:
+        """Per layer: sqrt(d) / mean token norm over the buffer (SAELens's expected_average_only_in), or 1."""
+        if self.cfg.normalize_activations == "none":
+            return [1.0] * len(self.layers)
+        contents = self.buffer.contents()
+        norms = contents.double().norm(dim=-1).mean(0)
+        return [math.sqrt(contents.shape[-1]) / float(n) for n in norms]
+
+    def state_dict(self) -> dict:
+        return {"trainers": {layer: t.state_dict() for layer, t in self.trainers.items()},
+                "buffer": self.buffer.state_dict(), "scale": self.scale, "tokens_trained": self.tokens_trained}
+
+    def load_state_dict(self, state: dict) -> None:
+        for layer, trainer in self.trainers.items():
+            trainer.load_state_dict(state["trainers"][layer])
+        self.buffer.load_state_dict(state["buffer"])
+        self.scale, self.tokens_trained = state["scale"], int(state["tokens_trained"])
+
+
+def initial_saes(dictionary, layers, cfg: SAEConfig) -> dict:
+    """Per layer: the SAE training starts from (``cfg.init``: dictionary atoms + free atoms, or random)."""
+    from steering.sae import SAE
+
+    n = len(dictionary)
+    k = min(cfg.k, n + cfg.n_extra)
+    if cfg.init == "dictionary":
+        return {layer: SAE.from_dictionary(dictionary.directions(layer), k=k, n_extra=cfg.n_extra, seed=cfg.seed,
+                                           concept_ids=dictionary.concept_ids) for layer in layers}
+    return {layer: SAE.random(dictionary.d, n + cfg.n_extra, k=k, seed=cfg.seed + layer) for layer in layers}
+
+
+class Run:
+    """The live state of one training run: model, stimulus position, sampler, counters, the layers' training."""
+
+    def __init__(self, out: Path, dictionary, mllm: MLLMConfig, cfg: SAEConfig, shards: str,
+                 keys: set[str] | None, source: str):
         self.out, self.dictionary, self.mllm, self.cfg = out, dictionary, mllm, cfg
         self.shards, self.keys, self.source = shards, keys, source
         self.layers = sorted(mllm.layers)
-        self.device = resolve_device(cfg.device)
         self.loaded = load_mllm(mllm)
         hidden = self.loaded.model.get_input_embeddings().weight.shape[1]
         if hidden != dictionary.d:
             raise SystemExit(f"daco train-sae: the dictionary has d={dictionary.d} but the model has hidden size "
                              f"{hidden}; train on the model the dictionary was built from")
-        self.trainers = {}
-        for layer in self.layers:
-            n = len(dictionary)
-            if cfg.init == "dictionary":
-                sae = SAE.from_dictionary(dictionary.directions(layer), k=min(cfg.k, n + cfg.n_extra),
-                                          n_extra=cfg.n_extra, seed=cfg.seed, concept_ids=dictionary.concept_ids)
-            else:
-                sae = SAE.random(dictionary.d, n + cfg.n_extra, k=min(cfg.k, n + cfg.n_extra), seed=cfg.seed + layer)
-            self.trainers[layer] = SAETrainer(sae, lr=cfg.lr, batch_size=cfg.batch_size, k_aux=cfg.k_aux,
-                                              aux_coefficient=cfg.aux_coefficient, dead_window=cfg.dead_window,
-                                              log_every=cfg.log_every, device=self.device)
-        self.buffer = ShuffleBuffer(cfg.shuffle_buffer, cfg.batch_size, (len(self.layers), dictionary.d), seed=cfg.seed)
+        self.training = LayerTraining(initial_saes(dictionary, self.layers, cfg), cfg, resolve_device(cfg.device))
         self.sampler = torch.Generator().manual_seed(cfg.seed)
-        self.scale: list[float] | None = None
         self.position = {"pass": 0, "records": 0}
-        self.counts = {"stimuli": 0, "tokens_captured": 0, "tokens_trained": 0, "deadletter_inference": 0,
-                       "deadletter_shards": 0}
+        self.counts = {"stimuli": 0, "tokens_captured": 0, "deadletter_inference": 0, "deadletter_shards": 0}
         self.deadletters: list[dict] = []
         self.last_checkpoint_step = 0
         self.seconds = 0.0
 
     @property
     def step(self) -> int:
-        return self.trainers[self.layers[0]].step
+        return self.training.step
 
     def fingerprint(self) -> dict:
         """What a resumed run must share with the checkpoint."""
@@ -209,10 +278,9 @@ class Run:
                 "stimuli": "all" if self.keys is None else len(self.keys)}
 
     def state_dict(self) -> dict:
-        return {"fingerprint": self.fingerprint(), "trainers": {l: t.state_dict() for l, t in self.trainers.items()},
-                "buffer": self.buffer.state_dict(), "sampler": self.sampler.get_state(), "scale": self.scale,
-                "position": dict(self.position), "counts": dict(self.counts), "deadletters": list(self.deadletters),
-                "seconds": self.seconds}
+        return {"fingerprint": self.fingerprint(), "training": self.training.state_dict(),
+                "sampler": self.sampler.get_state(), "position": dict(self.position), "counts": dict(self.counts),
+                "deadletters": list(self.deadletters), "seconds": self.seconds}
 
     def load_state_dict(self, state: dict) -> None:
         mine, theirs = self.fingerprint(), state["fingerprint"]
@@ -220,11 +288,9 @@ class Run:
             differ = sorted(k for k in mine if mine[k] != theirs.get(k))
             raise SystemExit(f"daco train-sae --resume: {self.out / CHECKPOINT} was written with different settings "
                              f"({', '.join(differ)}); rerun with the same config, or drop --resume and pick a new --out")
-        for layer, trainer in self.trainers.items():
-            trainer.load_state_dict(state["trainers"][layer])
-        self.buffer.load_state_dict(state["buffer"])
+        self.training.load_state_dict(state["training"])
         self.sampler.set_state(state["sampler"])
-        self.scale, self.position = state["scale"], dict(state["position"])
+        self.position = dict(state["position"])
         self.counts, self.deadletters = dict(state["counts"]), list(state["deadletters"])
         self.seconds = float(state["seconds"])
         self.last_checkpoint_step = self.step
@@ -293,37 +359,6 @@ class Run:
                                              "detail": f"{type(exc).__name__}: {exc}"[:2000]})
             return torch.cat(rows) if rows else torch.empty(0, len(self.layers), self.dictionary.d)
 
-    def train_drained(self, final: bool) -> bool:
-        """Train every layer on the batches the buffer gives out; False once ``tokens`` are reached."""
-        if self.scale is None:
-            self.scale = self._estimate_scale()
-        scale = torch.tensor(self.scale).reshape(1, -1, 1)
-        for batch in self.buffer.drain(final=final):
-            if self.cfg.tokens is not None:
-                batch = batch[:self.cfg.tokens - self.counts["tokens_trained"]]
-            if not batch.shape[0]:
-                return False
-            batch = batch * scale
-            for i, layer in enumerate(self.layers):
-                entry = self.trainers[layer].train_step(batch[:, i])
-                if entry is not None:
-                    self._log(layer, entry)
-            self.counts["tokens_trained"] += batch.shape[0]
-            if self.cfg.tokens is not None and self.counts["tokens_trained"] >= self.cfg.tokens:
-                return False
-        return True
-
-    def _estimate_scale(self) -> list[float]:
-        """Per layer: sqrt(d) / mean token norm over the buffer (SAELens's expected_average_only_in), or 1."""
-        if self.cfg.normalize_activations == "none":
-            return [1.0] * len(self.layers)
-        norms = self.buffer.contents().double().norm(dim=-1).mean(0)
-        return [math.sqrt(self.dictionary.d) / float(n) for n in norms]
-
-    def _log(self, layer: int, entry: dict) -> None:
-        print(f"[train-sae] step {entry['step']} layer {layer}: fvu {entry['fvu']:.4f}  l0 {entry['l0']:.1f}  "
-              f"dead {entry['dead_fraction']:.3f}  aux {entry['aux_loss']:.4f}", file=sys.stderr, flush=True)
-
 
 def train(run: Run, stop_after_steps: int | None = None) -> bool:
     """Stream stimuli through the model and the buffer into the trainers; True when training finished,
@@ -346,17 +381,11 @@ def train(run: Run, stop_after_steps: int | None = None) -> bool:
                 run.position["records"] += len(batch)
                 run.counts["stimuli"] += len(batch)
                 run.counts["tokens_captured"] += rows.shape[0]
-                going = True
-                while going and rows.shape[0]:
-                    rows = run.buffer.add(rows)
-                    if run.buffer.full:
-                        going = run.train_drained(final=False)
-                if not going:
+                if not run.training.push(rows):
                     finished = True
                     break
             elif cfg.tokens is None:  # one pass: what is left in the buffer trains too
-                if run.buffer.count or run.buffer.pending.shape[0]:
-                    run.train_drained(final=True)
+                run.training.finish()
                 finished = True
                 break
             bar.update(run.step - bar.n)
@@ -395,12 +424,12 @@ def write_outputs(run: Run, untrained: bool) -> dict:
     dictionary = run.dictionary
     layers = {}
     for i, layer in enumerate(run.layers):
-        trainer = run.trainers[layer]
+        trainer = run.training.trainers[layer]
         sae = trainer.sae.eval()
         summary = trainer.summary()
-        fold_scale(sae, run.scale[i])
+        fold_scale(sae, run.training.scale[i])
         sae.metadata.update({"layer": layer, "init": run.cfg.init, "untrained_model": untrained,
-                             "activation_norm_scaling_factor": run.scale[i], "dictionary": dictionary.source,
+                             "activation_norm_scaling_factor": run.training.scale[i], "dictionary": dictionary.source,
                              "model": run.mllm.model_id or f"untrained:{run.mllm.family}"})
         folder = sae.cpu().save(run.out / f"layer_{layer}")
         notes = annotate(sae, dictionary, run.cfg.eta, layer)
@@ -409,14 +438,15 @@ def write_outputs(run: Run, untrained: bool) -> dict:
         for row in rows:
             row["concept_polarity"] = polarity[row["nearest_concept"]]
         pq.write_table(pa.Table.from_pylist(rows), folder / ANNOTATION)
-        layers[layer] = {**summary, "activation_norm_scaling_factor": run.scale[i],
+        layers[layer] = {**summary, "activation_norm_scaling_factor": run.training.scale[i],
                          "undesirable_atoms": len(notes.undesirable), "desirable_atoms": len(notes.desirable),
                          "history": trainer.history}
+    counts = {**run.counts, "tokens_trained": run.training.tokens_trained}
     info = {"untrained": untrained, "model": run.mllm.model_id or f"untrained:{run.mllm.family}",
             "dictionary": dictionary.source, "config_source": run.source, "shards": run.shards,
             "stimuli": "all shard records" if run.keys is None else "the dictionary's stimuli",
-            "mllm": dataclasses.asdict(run.mllm), "sae": dataclasses.asdict(run.cfg), "counts": run.counts,
-            "tokens_per_s": run.counts["tokens_trained"] / run.seconds if run.seconds else None,
+            "mllm": dataclasses.asdict(run.mllm), "sae": dataclasses.asdict(run.cfg), "counts": counts,
+            "tokens_per_s": counts["tokens_trained"] / run.seconds if run.seconds else None,
             "layers": {str(l): v for l, v in layers.items()}}
     (run.out / SUMMARY).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     (run.out / DEADLETTER).write_text("".join(json.dumps(d, sort_keys=True) + "\n" for d in run.deadletters))
@@ -448,3 +478,33 @@ def sae_card(info: dict, location: str) -> str:
                      f"{v['undesirable_atoms']} | {v['desirable_atoms']} |")
     lines += ["", "Steer with it: `daco steer --method daco --sae DIR ...` or `daco eval --methods daco --sae DIR ...`.", ""]
     return "\n".join(lines)
+
+
+def sae_folder_files(folder: str | os.PathLike) -> list[Path]:
+    """The files of a finished ``daco train-sae`` folder to publish (relative paths), after checking that every
+    ``layer_<l>/`` loads and has its annotation; a SystemExit naming the problem otherwise."""
+    from steering.sae import SAE
+
+    root = Path(folder)
+    if (root / CHECKPOINT).exists():
+        raise SystemExit(f"--sae {root}: {CHECKPOINT} is there, the training has not finished; "
+                         "finish it with `daco train-sae ... --resume`")
+    for name in (SUMMARY, CARD):
+        if not (root / name).is_file():
+            raise SystemExit(f"--sae {root}: {name} is missing; give a folder written by `daco train-sae`")
+    layers = sorted(p for p in root.glob("layer_*") if p.is_dir())
+    if not layers:
+        raise SystemExit(f"--sae {root}: no layer_<l>/ folder")
+    for layer in layers:
+        try:
+            SAE.load(layer)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"--sae {layer}: {exc}") from None
+        if not (layer / ANNOTATION).is_file():
+            raise SystemExit(f"--sae {layer}: {ANNOTATION} is missing")
+    return sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
+
+
+def published_card(folder: str | os.PathLike, location: str) -> str:
+    """The card of a train-sae folder, saying the SAEs are at ``location``."""
+    return sae_card(json.loads(Path(folder, SUMMARY).read_text()), location)

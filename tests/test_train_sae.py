@@ -192,7 +192,7 @@ def test_train_sae_end_to_end_interrupted_and_resumed_equals_uninterrupted(tiny_
         daco([*base, "--out", str(tmp_path / "fresh"), "--resume"])
 
 
-def test_steer_uses_the_trained_sae_and_wants_a_flag_for_the_untrained_one(tiny_build, train_config, tmp_path, capsys):
+def test_steer_uses_the_trained_sae_and_publish_puts_it_beside_the_dataset(tiny_build, train_config, tmp_path, capsys):
     from pipeline.cli import main as daco
 
     assert daco(["train-sae", "--dictionary", str(tiny_build / "a"), "--config", str(train_config),
@@ -206,3 +206,14 @@ def test_steer_uses_the_trained_sae_and_wants_a_flag_for_the_untrained_one(tiny_
         daco(steer)
     assert daco([*steer, "--untrained-sae"]) == 0
     assert "SAE: untrained dictionary-initialised" in capsys.readouterr().out
+
+    # daco publish --sae --dry-run: the SAE files under sae/ and a card that says where they go
+    assert daco(["publish", str(tiny_build / "a"), "--repo-id", "org/daco", "--sae", str(tmp_path / "sae"),
+                 "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "sae/layer_1/sae_weights.safetensors" in out and "sae/layer_2/annotation.parquet" in out
+    assert "Where: https://huggingface.co/datasets/org/daco/tree/main/sae" in out
+    (tmp_path / "sae" / "layer_2" / "annotation.parquet").unlink()
+    assert daco(["publish", str(tiny_build / "a"), "--repo-id", "org/daco", "--sae", str(tmp_path / "sae"),
+                 "--dry-run"]) == 2
+    assert "annotation.parquet is missing" in capsys.readouterr().err
