@@ -262,7 +262,8 @@ class Run:
         self.training = LayerTraining(initial_saes(dictionary, self.layers, cfg), cfg, resolve_device(cfg.device))
         self.sampler = torch.Generator().manual_seed(cfg.seed)
         self.position = {"pass": 0, "records": 0}
-        self.counts = {"stimuli": 0, "tokens_captured": 0, "deadletter_inference": 0, "deadletter_shards": 0}
+        self.counts = {"stimuli": 0, "tokens_captured": 0, "deadletter_inference": 0, "deadletter_shards": 0,
+                       "deadletter_missing_record": 0}
         self.deadletters: list[dict] = []
         self.last_checkpoint_step = 0
         self.seconds = 0.0
@@ -305,13 +306,14 @@ class Run:
     def stimulus_batches(self) -> Iterator[list[tuple[str, bytes, str]]]:
         """Batches of ``mllm.batch_size`` stimuli from the saved position on, pass after pass."""
         while True:
-            skip, batch, i = self.position["records"], [], 0
+            skip, batch, i, seen = self.position["records"], [], 0, set()
             for stimulus in iter_stimuli(self.shards, self.keys):
                 if isinstance(stimulus, dict):  # a bad shard record: dead-lettered on the first pass
                     if i >= skip and self.position["pass"] == 0:
                         self.counts["deadletter_shards"] += 1
                         self.deadletters.append(stimulus)
                     continue
+                seen.add(stimulus[0])
                 i += 1
                 if i <= skip:
                     continue
@@ -324,6 +326,11 @@ class Run:
                                  + ("" if self.keys is None else " among the dictionary's stimulus keys"))
             if batch:
                 yield batch
+            if self.position["pass"] == 0 and self.keys is not None:
+                for key in sorted(self.keys - seen):
+                    self.counts["deadletter_missing_record"] += 1
+                    self.deadletters.append({"key": key, "reason": "missing_record",
+                                             "detail": f"a stimulus of {self.dictionary.source} that no shard holds"})
             yield []  # the end of a pass
             self.position = {"pass": self.position["pass"] + 1, "records": 0}
 

@@ -181,6 +181,7 @@ def test_train_sae_end_to_end_interrupted_and_resumed_equals_uninterrupted(tiny_
                 (tmp_path / "parts" / f"layer_{layer}" / name).read_bytes(), (layer, name)
     info = json.loads((tmp_path / "whole" / "training.json").read_text())
     assert info["untrained"] and info["counts"]["tokens_trained"] == 400 and info["counts"]["stimuli"] > 32
+    assert info["counts"]["deadletter_missing_record"] == info["counts"]["deadletter_inference"] == 0
     assert info["layers"]["1"]["steps"] == 25 and 0 < info["layers"]["1"]["fvu"]
     sae = SAE.load(tmp_path / "whole" / "layer_1")
     assert sae.d_sae == 12 + 8 and sae.k == 4 and sae.metadata["untrained_model"] and len(sae.concept_ids) == 12

@@ -79,7 +79,7 @@ def run(args, beam_args):
     info = write_outputs(run_, untrained)
     checkpoint.unlink(missing_ok=True)
     print(f"train-sae: {info['counts']['tokens_trained']:,} tokens from {info['counts']['stimuli']:,} stimuli "
-          f"({info['counts']['deadletter_inference'] + info['counts']['deadletter_shards']} dead-lettered), "
+          f"({sum(v for k, v in info['counts'].items() if k.startswith('deadletter'))} dead-lettered), "
           f"{run_.step} steps" + ("  [UNTRAINED model: the SAEs mean nothing]" if untrained else ""))
     for layer, v in info["layers"].items():
         print(f"  layer {layer}: fvu {v['fvu']:.4f}  l0 {v['l0']:.1f}  dead {v['dead_fraction']:.3f}  "
