@@ -218,3 +218,17 @@ def test_steer_uses_the_trained_sae_and_publish_puts_it_beside_the_dataset(tiny_
     assert daco(["publish", str(tiny_build / "a"), "--repo-id", "org/daco", "--sae", str(tmp_path / "sae"),
                  "--dry-run"]) == 2
     assert "annotation.parquet is missing" in capsys.readouterr().err
+
+
+def test_eval_names_the_sae_daco_ran_with_and_wants_a_flag_for_the_untrained_one(tmp_path):
+    from steering.eval.run import EvalConfig, EvalError, markdown_table, run_eval, summarise
+
+    base = dict(model="untrained:qwen2", benches=[], out=str(tmp_path / "o"), dictionary=str(tmp_path))
+    with pytest.raises(EvalError, match="pass --sae DIR"):
+        run_eval(EvalConfig(methods=["none", "daco"], **base))
+    with pytest.raises(EvalError, match="not both"):
+        run_eval(EvalConfig(methods=["daco"], sae="x", untrained_sae=True, **base))
+    with pytest.raises(EvalError, match="no benchmarks"):  # the flag passes the SAE check
+        run_eval(EvalConfig(methods=["daco"], untrained_sae=True, **base))
+    metrics = summarise([], ["none", "daco"]) | {"daco_sae": "trained: /x/sae"}
+    assert "daco SAE: trained: /x/sae." in markdown_table(metrics)
