@@ -97,22 +97,25 @@ def planted_training(init: str, steps: int = 600, d: int = 64, n_concepts: int =
         else SAE.random(d, width, k=3, seed=1)
     initial = sae.W_dec.detach().clone()
     trainer = SAETrainer(sae, lr=1e-3, batch_size=256, k_aux=16, log_every=10**9)
-    for batch in _planted(steps * 256, features, seed=1).split(256):
-        trainer.train_step(batch)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small matrices: one thread is faster, and much faster on a busy machine
+    try:
+        for batch in _planted(steps * 256, features, seed=1).split(256):
+            trainer.train_step(batch)
+    finally:
+        torch.set_num_threads(threads)
     return D, E, initial, sae, evaluate_sae(sae, _planted(8000, features, seed=2))["fvu"]
 
 
 def test_planted_free_atoms_recover_the_extra_features_and_concept_atoms_stay_put():
-    D, E, initial, sae, fvu = planted_training("dictionary")
+    D, E, initial, sae, fvu = planted_training("dictionary")  # dictionary-initialised, 2 free atoms per extra feature
     atoms = torch.nn.functional.normalize(sae.W_dec.detach(), dim=1)
     n = D.shape[0]
     recovered = (E @ atoms[n:].T).max(dim=1).values
     stayed = (atoms[:n] * initial[:n]).sum(1)
     assert recovered.min() > 0.9, recovered
     assert stayed.min() > 0.9, stayed
-    _, _, _, _, fvu_random = planted_training("random")
-    print(f"planted FVE: dictionary-initialised {1 - fvu:.4f}, random {1 - fvu_random:.4f}")
-    assert 1 - fvu > 1 - fvu_random
+    assert 1 - fvu > 0.99  # FVE against random initialisation at equal tokens: bench/train_sae_memory.py
 
 
 def test_folding_the_normalisation_keeps_unit_decoder_rows_and_the_scaled_reconstruction():
