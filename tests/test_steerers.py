@@ -361,4 +361,4 @@ def test_daco_steer_command_rejects_bad_options_early(tmp_path):
         image = tmp_path / "x.png"
         image.write_bytes(b"not read before the check")
         daco(["steer", "--untrained-family", "qwen2", "--dictionary", str(folder), "--prompt", "hi", "--layers", "1-2",
-              "--image", str(image)])
+              "--image", str(image), "--untrained-sae"])
