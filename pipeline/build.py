@@ -64,6 +64,10 @@ SECTIONS = {"concepts": concepts.ConceptsConfig, "corpus": CorpusConfig, "clip":
             "retrieve": retrieve.RetrieveConfig, "mllm": activations.MLLMConfig}
 
 
+OTHER_SECTIONS = ("sae",)
+"""Sections of a preset or config file that other commands read (``sae:``: ``daco train-sae``)."""
+
+
 def preset_path(name: str) -> str:
     """The YAML file of a named preset; an unknown name lists the known ones."""
     if name not in PRESETS:
@@ -77,9 +81,9 @@ def load_build_config(config: str | None, preset: str | None) -> BuildConfig:
         raise SystemExit("give --config or --preset, not both")
     path = config or preset_path(preset or "default")
     data = load_config_file(path)
-    unknown = sorted(set(data) - set(SECTIONS))
+    unknown = sorted(set(data) - set(SECTIONS) - set(OTHER_SECTIONS))
     if unknown:
-        raise SystemExit(f"{path}: unknown section(s) {unknown}; valid: {sorted(SECTIONS)}")
+        raise SystemExit(f"{path}: unknown section(s) {unknown}; valid: {sorted([*SECTIONS, *OTHER_SECTIONS])}")
     parts = {name: section(data, name, cls, path) for name, cls in SECTIONS.items()}
     return BuildConfig(**parts, source=f"config:{config}" if config else f"preset:{preset or 'default'}")
 

@@ -1,6 +1,6 @@
 """The ``daco`` command line: one subcommand per module in ``pipeline/commands/``.
 
-A command module defines ``HELP`` (one line), ``add_arguments(parser)`` and
+A command module (``train_sae.py`` is ``daco train-sae``) defines ``HELP`` (one line), ``add_arguments(parser)`` and
 ``run(args, beam_args) -> int``; ``BEAM_OPTIONS = True`` lets it accept Beam's
 pipeline options (``--runner``, ``--direct_num_workers``, ...) after its own.
 Command modules import heavy libraries inside ``run`` so that ``--help`` is fast.
@@ -25,7 +25,7 @@ from pipeline import commands
 def _command_modules():
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         if not info.name.startswith("_"):
-            yield info.name, importlib.import_module(f"pipeline.commands.{info.name}")
+            yield info.name.replace("_", "-"), importlib.import_module(f"pipeline.commands.{info.name}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -244,6 +244,127 @@ def _resample_dead(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, recon:
     return int(idx.numel())
 
 
+class SAETrainer:
+    """One SAE's optimiser, dead-latent bookkeeping and running metrics, stepped one batch at a time.
+
+    :func:`train_sae` drives one; ``daco train-sae`` drives one per layer from a shared
+    token stream. :meth:`state_dict` / :meth:`load_state_dict` hold everything a step
+    depends on (weights, Adam moments, firing counters, the metric window, the history),
+    so a run restored from a checkpoint continues bit for bit. Arguments as :func:`train_sae`.
+    """
+
+    def __init__(self, sae: SAE, *, lr: float = 1e-3, batch_size: int = 4096, dead_latent_remedy: str | None = None,
+                 k_aux: int | None = None, aux_coefficient: float = 1 / 32, dead_window: int | None = None,
+                 resample_every: int = 500, normalise_decoder: bool = True, init_b_dec: bool = True,
+                 window: int = 10, log_every: int = 50, device: str | torch.device | None = None):
+        if dead_latent_remedy is None:
+            dead_latent_remedy = "auxk" if sae.activation == "topk" else "resample"
+        if dead_latent_remedy not in REMEDIES:
+            raise ValueError(f"dead_latent_remedy must be one of {REMEDIES}, got {dead_latent_remedy!r}")
+        if dead_latent_remedy == "auxk" and sae.activation != "topk":
+            raise ValueError("dead_latent_remedy='auxk' needs a TopK SAE; use 'resample' for ReLU")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = torch.device(device) if device is not None else sae.W_enc.device
+        self.sae = sae.to(self.device).train()
+        self.lr = lr
+        self.remedy = dead_latent_remedy
+        self.k_aux = k_aux or max(1, sae.d_in // 2)
+        self.aux_coefficient = aux_coefficient
+        self.dead_window = dead_window or 20 * batch_size
+        self.resample_every = resample_every
+        self.normalise_decoder = normalise_decoder
+        self.init_b_dec = init_b_dec
+        self.log_every = log_every
+        self.opt = torch.optim.Adam(sae.parameters(), lr=lr)
+        if normalise_decoder:
+            _normalise_decoder(sae)
+        self.since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=self.device)
+        self.recent: collections.deque = collections.deque(maxlen=max(1, window))
+        self.history: list[dict] = []
+        self.step = 0
+        self.seen = 0
+
+    def dead(self) -> torch.Tensor:
+        """Latents that have not fired on the last ``dead_window`` activations (or on any, early on)."""
+        return self.since_fired >= min(self.dead_window, max(self.seen, 1))
+
+    def train_step(self, batch, log: bool = False) -> dict | None:
+        """One optimiser step on a [b, d_in] batch; the history entry when this step logged one
+        (every ``log_every`` steps, or when ``log``), else None."""
+        sae = self.sae
+        x = _as_2d_tensor(batch).to(device=self.device, dtype=sae.W_enc.dtype, non_blocking=True)
+        if x.shape[1] != sae.d_in:
+            raise ValueError(f"activations have dimension {x.shape[1]}, the SAE expects d_in={sae.d_in}")
+        if self.step == 0 and self.init_b_dec:
+            with torch.no_grad():
+                sae.b_dec.copy_(x.mean(0))
+        centred_ss = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+        aux = x.new_zeros(())
+        if sae.activation == "topk":
+            out = _forward_topk(sae, x)
+            recon, active = out.recon, out.values > 0
+            fired_idx = out.indices[active]
+            l0_sum = float(active.sum())
+        else:
+            codes = sae.encode(x)
+            recon = sae.decode(codes)
+            fired_idx = torch.nonzero(codes.detach().sum(0) > 0).reshape(-1)
+            l0_sum = float((codes > 0).sum())
+            aux = sae.l1_coefficient * codes.sum(-1).mean() / (centred_ss / x.shape[0]).sqrt()
+        sq_err = (recon - x).pow(2).sum()
+        fvu = sq_err / centred_ss
+        if sae.activation == "topk" and self.remedy == "auxk" and self.step > 0:
+            aux = self.aux_coefficient * _auxk_loss(sae, out.pre, (x - recon).detach(), self.dead(), self.k_aux)
+        loss = fvu + aux
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.normalise_decoder:
+            _project_decoder_grad(sae)
+        self.opt.step()
+        if self.normalise_decoder:
+            _normalise_decoder(sae)
+        with torch.no_grad():
+            self.since_fired += x.shape[0]
+            self.since_fired[fired_idx] = 0
+        self.seen += x.shape[0]
+        self.step += 1
+        if self.remedy == "resample" and self.step % self.resample_every == 0:
+            _resample_dead(sae, self.opt, x, recon.detach(), self.dead())
+        self.recent.append((float(sq_err.detach()), float(centred_ss), l0_sum, x.shape[0]))
+        if self.step % self.log_every and not log:
+            return None
+        entry = {"step": self.step, "loss": float(loss.detach()), "fvu": float(fvu.detach()),
+                 "aux_loss": float(aux.detach()), "l0": l0_sum / x.shape[0],
+                 "dead_fraction": float(self.dead().float().mean()), "lr": self.lr}
+        self.history.append(entry)
+        return entry
+
+    def summary(self) -> dict[str, float]:
+        """fvu and l0 over the metric window, the dead fraction now, steps and activations seen."""
+        if not self.recent:
+            raise ValueError("train_sae: the activations were empty; nothing was trained")
+        sq, ss, l0s, n = (sum(v[i] for v in self.recent) for i in range(4))
+        return {"fvu": sq / ss, "l0": l0s / n, "dead_fraction": float(self.dead().float().mean()),
+                "steps": self.step, "activations": self.seen}
+
+    def state_dict(self) -> dict:
+        """Everything the next step depends on (tensors stay tensors; torch.save-able)."""
+        return {"sae": {k: v.detach().clone() for k, v in self.sae.state_dict().items()},
+                "opt": self.opt.state_dict(), "since_fired": self.since_fired.clone(),
+                "recent": list(self.recent), "recent_maxlen": self.recent.maxlen,
+                "history": list(self.history), "step": self.step, "seen": self.seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict` (of a trainer built with the same options)."""
+        self.sae.load_state_dict(state["sae"])
+        self.opt.load_state_dict(state["opt"])
+        self.since_fired.copy_(state["since_fired"])
+        self.recent = collections.deque(state["recent"], maxlen=state["recent_maxlen"])
+        self.history = list(state["history"])
+        self.step, self.seen = int(state["step"]), int(state["seen"])
+
+
 def train_sae(sae: SAE, activations, *, lr: float = 1e-3, steps: int | None = None, epochs: int = 1,
               batch_size: int = 4096, dead_latent_remedy: str | None = None, k_aux: int | None = None,
               aux_coefficient: float = 1 / 32, dead_window: int | None = None, resample_every: int = 500,
@@ -273,106 +394,42 @@ def train_sae(sae: SAE, activations, *, lr: float = 1e-3, steps: int | None = No
         device: where to train (default: the SAE's device).
         column: parquet column holding activations, when files are given.
     """
-    if dead_latent_remedy is None:
-        dead_latent_remedy = "auxk" if sae.activation == "topk" else "resample"
-    if dead_latent_remedy not in REMEDIES:
-        raise ValueError(f"dead_latent_remedy must be one of {REMEDIES}, got {dead_latent_remedy!r}")
-    if dead_latent_remedy == "auxk" and sae.activation != "topk":
-        raise ValueError("dead_latent_remedy='auxk' needs a TopK SAE; use 'resample' for ReLU")
     if steps is None and epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if steps is not None and steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = torch.device(device) if device is not None else sae.W_enc.device
-    sae.to(device).train()
-    dtype = sae.W_enc.dtype
-    k_aux = k_aux or max(1, sae.d_in // 2)
-    dead_window = dead_window or 20 * batch_size
-    opt = torch.optim.Adam(sae.parameters(), lr=lr)
-    if normalise_decoder:
-        _normalise_decoder(sae)
-
-    since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
-    recent = collections.deque(maxlen=window if window else (max(1, steps // 10) if steps else 10))
-    history: list[dict] = []
-    step = 0
-    seen = 0
+    trainer = SAETrainer(sae, lr=lr, batch_size=batch_size, dead_latent_remedy=dead_latent_remedy, k_aux=k_aux,
+                         aux_coefficient=aux_coefficient, dead_window=dead_window, resample_every=resample_every,
+                         normalise_decoder=normalise_decoder, init_b_dec=init_b_dec,
+                         window=window if window else (max(1, steps // 10) if steps else 10),
+                         log_every=log_every, device=device)
     bar = tqdm(total=steps, disable=not progress, desc="train_sae", unit="step", leave=False)
     t0 = time.perf_counter()
-    epoch_iters = _epochs(activations, batch_size, column)
-    for epoch, batches in enumerate(epoch_iters):
+    for epoch, batches in enumerate(_epochs(activations, batch_size, column)):
         if steps is None and epoch >= epochs:
             break
         got_any = False
         for batch in batches:
             got_any = True
-            x = _as_2d_tensor(batch).to(device=device, dtype=dtype, non_blocking=True)
-            if x.shape[1] != sae.d_in:
-                raise ValueError(f"activations have dimension {x.shape[1]}, the SAE expects d_in={sae.d_in}")
-            if step == 0 and init_b_dec:
-                with torch.no_grad():
-                    sae.b_dec.copy_(x.mean(0))
-            centred_ss = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
-            aux = x.new_zeros(())
-            if sae.activation == "topk":
-                out = _forward_topk(sae, x)
-                recon, active = out.recon, out.values > 0
-                fired_idx = out.indices[active]
-                l0_sum = float(active.sum())
-            else:
-                codes = sae.encode(x)
-                recon = sae.decode(codes)
-                fired_idx = torch.nonzero(codes.detach().sum(0) > 0).reshape(-1)
-                l0_sum = float((codes > 0).sum())
-                aux = sae.l1_coefficient * codes.sum(-1).mean() / (centred_ss / x.shape[0]).sqrt()
-            sq_err = (recon - x).pow(2).sum()
-            fvu = sq_err / centred_ss
-            dead = since_fired >= min(dead_window, max(seen, 1))
-            if sae.activation == "topk" and dead_latent_remedy == "auxk" and step > 0:
-                aux = aux_coefficient * _auxk_loss(sae, out.pre, (x - recon).detach(), dead, k_aux)
-            loss = fvu + aux
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if normalise_decoder:
-                _project_decoder_grad(sae)
-            opt.step()
-            if normalise_decoder:
-                _normalise_decoder(sae)
-            with torch.no_grad():
-                since_fired += x.shape[0]
-                since_fired[fired_idx] = 0
-            seen += x.shape[0]
-            step += 1
-            if dead_latent_remedy == "resample" and step % resample_every == 0:
-                _resample_dead(sae, opt, x, recon.detach(), since_fired >= min(dead_window, seen))
-            recent.append((float(sq_err.detach()), float(centred_ss), l0_sum, x.shape[0]))
-            if step % log_every == 0 or step == steps:
-                dead_frac = float((since_fired >= min(dead_window, seen)).float().mean())
-                entry = {"step": step, "loss": float(loss.detach()), "fvu": float(fvu.detach()), "aux_loss": float(aux.detach()),
-                         "l0": l0_sum / x.shape[0], "dead_fraction": dead_frac, "lr": lr}
-                history.append(entry)
-                bar.set_postfix(fvu=f"{entry['fvu']:.4f}", l0=f"{entry['l0']:.1f}", dead=f"{dead_frac:.3f}")
+            entry = trainer.train_step(batch, log=trainer.step + 1 == steps)
+            if entry is not None:
+                bar.set_postfix(fvu=f"{entry['fvu']:.4f}", l0=f"{entry['l0']:.1f}", dead=f"{entry['dead_fraction']:.3f}")
             bar.update(1)
-            if steps is not None and step >= steps:
+            if steps is not None and trainer.step >= steps:
                 break
-        if (steps is not None and step >= steps) or not got_any:
+        if (steps is not None and trainer.step >= steps) or not got_any:
             break
     elapsed = time.perf_counter() - t0
     bar.close()
-    if steps is not None and 0 < step < steps:
-        warnings.warn(f"train_sae: the activations ran out after {step} of {steps} steps "
+    if steps is not None and 0 < trainer.step < steps:
+        warnings.warn(f"train_sae: the activations ran out after {trainer.step} of {steps} steps "
                       "(a one-shot iterator gives a single pass; pass a list, tensor or files to repeat)",
                       stacklevel=2)
     sae.eval()
-    if step == 0:
-        raise ValueError("train_sae: the activations were empty; nothing was trained")
-    sq, ss, l0s, n = (sum(v[i] for v in recent) for i in range(4))
-    return TrainResult(
-        fvu=sq / ss, l0=l0s / n,
-        dead_fraction=float((since_fired >= min(dead_window, seen)).float().mean()),
-        steps=step, activations_per_s=seen / elapsed if elapsed > 0 else float("inf"), history=history)
+    summary = trainer.summary()
+    return TrainResult(fvu=summary["fvu"], l0=summary["l0"], dead_fraction=summary["dead_fraction"],
+                       steps=trainer.step, activations_per_s=trainer.seen / elapsed if elapsed > 0 else float("inf"),
+                       history=trainer.history)
 
 
 @torch.no_grad()

@@ -9,7 +9,8 @@ from pipeline.cli import _command_modules, main as daco
 REQUIRED = {"concepts": ["--out", "x"], "corpus": ["--out", "x"], "embed": ["--shards", "x", "--out", "x"],
             "eval": ["--model", "m", "--bench", "b:p", "--out", "x"],
             "label": ["--concepts", "c", "--model", "m", "--out", "x"], "publish": ["--repo-id", "o/n"],
-            "retrieve": ["--concepts", "c", "--out", "x"], "steer": ["--prompt", "hi"]}
+            "retrieve": ["--concepts", "c", "--out", "x"], "steer": ["--prompt", "hi"],
+            "train-sae": ["--dictionary", "d", "--out", "x"]}
 """Each command's required options, so that parsing reaches the unknown one."""
 
 

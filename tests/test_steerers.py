@@ -415,7 +415,8 @@ def test_daco_steer_command_prints_both_generations(tmp_path, capsys, method):
 
     folder = write_dictionary_folder(tmp_path / "out")
     assert daco(["steer", "--untrained-family", "qwen2", "--dictionary", str(folder), "--prompt", "a man with a gun",
-                 "--method", method, "--layers", "1-2", "--gamma", "8", "--max-new-tokens", "4"]) == 0
+                 "--method", method, "--layers", "1-2", "--gamma", "8", "--max-new-tokens", "4",
+                 *(["--untrained-sae"] if method == "daco" else [])]) == 0
     out = capsys.readouterr().out
     assert "UNTRAINED" in out and "hidden 64, 3 layers" in out
     assert f"steered ({method})" in out and "unsteered" in out and "6 concepts, d=64" in out
@@ -426,11 +427,11 @@ def test_daco_steer_command_rejects_bad_options_early(tmp_path):
 
     folder = write_dictionary_folder(tmp_path / "out")
     with pytest.raises(SystemExit, match=r"layer\(s\) \[15, 16, 17, 18, 19\] not in"):
-        daco(["steer", "--untrained-family", "qwen2", "--dictionary", str(folder), "--prompt", "hi"])
+        daco(["steer", "--untrained-family", "qwen2", "--dictionary", str(folder), "--prompt", "hi", "--untrained-sae"])
     with pytest.raises(SystemExit, match="exactly one of --model"):
         daco(["steer", "--dictionary", str(folder), "--prompt", "hi", "--layers", "1-2"])
     with pytest.raises(SystemExit, match="text-only"):
         image = tmp_path / "x.png"
         image.write_bytes(b"not read before the check")
         daco(["steer", "--untrained-family", "qwen2", "--dictionary", str(folder), "--prompt", "hi", "--layers", "1-2",
-              "--image", str(image)])
+              "--image", str(image), "--untrained-sae"])

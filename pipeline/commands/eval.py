@@ -25,8 +25,9 @@ def add_arguments(parser):
                         help="refusal: discard candidate directions whose induce score is below this (default 0.0 as "
                              "Arditi et al.'s code; =-inf keeps all, e.g. for an untrained model)")
     parser.add_argument("--sae", default=None, metavar="DIR",
-                        help="daco: folder with one saved SAE per layer as DIR/layer_<l>/ (default: each layer's "
-                             "dictionary-initialised SAE, untrained)")
+                        help="daco: folder with one trained SAE per layer as DIR/layer_<l>/ (`daco train-sae`)")
+    parser.add_argument("--untrained-sae", action="store_true",
+                        help="daco without --sae: each layer's dictionary-initialised SAE, untrained (named in the output)")
     parser.add_argument("--steerers", default=None, metavar="DIR",
                         help="refusal, mars, iar, ras: folder with one saved steerer per method as DIR/<method>/ "
                              "(default: fitted on the shipped contrastive sets and saved under OUT/steerers/<method>/)")
@@ -49,7 +50,8 @@ def run(args, beam_args):
         config = EvalConfig(model=args.model, methods=args.methods.split(","), benches=[parse_bench(b) for b in args.bench],
                             out=args.out, limit=args.limit, dictionary=args.dictionary, max_new_tokens=args.max_new_tokens,
                             seed=args.seed, layers=args.layers, gamma=args.gamma,
-                            refusal_induce_threshold=args.refusal_induce_threshold, sae=args.sae, steerers=args.steerers, judge=args.judge,
+                            refusal_induce_threshold=args.refusal_induce_threshold, sae=args.sae,
+                            untrained_sae=args.untrained_sae, steerers=args.steerers, judge=args.judge,
                             judge_model=args.judge_model, device=args.device)
         check_writable(args.out)
         with writer_lock(args.out, "daco eval"):  # a second eval into the folder would count items twice

@@ -23,9 +23,11 @@ def add_arguments(parser):
                         help="strength of daco, mop and actadd in one unit: the mean activation norm at each steered "
                              "layer (each desirable concept pushed by gamma x that norm; docs/defences.md); default 0.1")
     parser.add_argument("--sae", default=None, metavar="DIR",
-                        help="daco: folder with one saved SAE per layer as DIR/layer_<l>/ (default: the dictionary-"
-                             "initialised SAE of each layer, one atom per concept, untrained)")
-    parser.add_argument("--k", type=int, default=32, help="daco without --sae: TopK k of the dictionary-initialised SAE (capped at the number of concepts; default 32)")
+                        help="daco: folder with one trained SAE per layer as DIR/layer_<l>/ (`daco train-sae`)")
+    parser.add_argument("--untrained-sae", action="store_true",
+                        help="daco without --sae: the dictionary-initialised SAE of each layer, one atom per concept, "
+                             "untrained")
+    parser.add_argument("--k", type=int, default=32, help="daco with --untrained-sae: TopK k of the dictionary-initialised SAE (capped at the number of concepts; default 32)")
     parser.add_argument("--eta", type=float, default=0.5,
                         help="daco: cosine threshold of the annotation's centroid rule (METHODS.md §3)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (greedy; default 32)")
@@ -80,6 +82,9 @@ def run(args, beam_args):
         sets = _defence_sets(args)
     elif args.dictionary is None:
         raise SystemExit(f"daco steer: --method {args.method} needs --dictionary (a dictionary output folder)")
+    if args.method == "daco" and bool(args.sae) == args.untrained_sae:
+        raise SystemExit("daco steer: --method daco steers with a trained SAE: pass --sae DIR (from `daco train-sae`), "
+                         "or --untrained-sae for the dictionary-initialised SAE without training (not both)")
     try:
         dictionary = load_dictionary(args.dictionary, layers=layers) if args.dictionary else None
     except (OSError, KeyError, ValueError) as exc:
@@ -105,7 +110,9 @@ def run(args, beam_args):
               + (f"; saved to {args.save_steerer}" if args.save_steerer else ""))
     else:
         print(f"dictionary: {args.dictionary} ({len(dictionary)} concepts, d={dictionary.d}); "
-              f"method: {args.method}; layers: {list(layers)}; gamma: {args.gamma}")
+              f"method: {args.method}; layers: {list(layers)}; gamma: {args.gamma}"
+              + (f"; SAE: {'trained, ' + args.sae if args.sae else 'untrained dictionary-initialised'}"
+                 if args.method == "daco" else ""))
         if args.method != "prompting":
             from steering.steerers.from_dictionary import STRENGTH_UNIT
 

@@ -83,8 +83,9 @@ class EvalConfig:
     refusal_induce_threshold: float = 0.0
     """refusal: the least induce score a candidate direction needs (Arditi et al.'s 0.0; -inf keeps all)."""
     sae: str | None = None
-    """daco: a folder with one saved SAE per layer (``<sae>/layer_<l>/``); default: each layer's
-    dictionary-initialised SAE (untrained)."""
+    """daco: a folder with one saved SAE per layer (``<sae>/layer_<l>/``, as ``daco train-sae`` writes)."""
+    untrained_sae: bool = False
+    """daco without ``sae``: steer with each layer's dictionary-initialised SAE, untrained (must be asked for)."""
     steerers: str | None = None
     """Fitted defences (refusal, mars, iar, ras): a folder with one saved steerer per method
     (``<steerers>/<method>/``, as each class's ``save`` writes it); a method not there is fitted
@@ -99,7 +100,8 @@ class EvalConfig:
         return {"model": self.model, "seed": self.seed, "max_new_tokens": self.max_new_tokens, "judge": self.judge,
                 "judge_model": self.judge_model if self.judge == "llama-guard" else None,
                 "dictionary": self.dictionary, "layers": self.layers, "gamma": self.gamma, "sae": self.sae,
-                "steerers": self.steerers, "refusal_induce_threshold": self.refusal_induce_threshold}
+                "untrained_sae": self.untrained_sae, "steerers": self.steerers,
+                "refusal_induce_threshold": self.refusal_induce_threshold}
 
 
 class EvalError(ValueError):
@@ -136,6 +138,18 @@ def check_methods(methods: Sequence[str], dictionary: str | None) -> list[str]:
     if needing and not dictionary:
         raise EvalError(f"method(s) {needing} steer with the concept dictionary: pass --dictionary PATH")
     return methods
+
+
+def _daco_sae(config: EvalConfig) -> str:
+    """Which SAEs daco steers with, as eval's outputs name them; an error when neither was chosen."""
+    if config.sae and config.untrained_sae:
+        raise EvalError("daco: give --sae DIR or --untrained-sae, not both")
+    if config.sae:
+        return f"trained: {config.sae}"
+    if config.untrained_sae:
+        return "untrained dictionary-initialised SAE (--untrained-sae)"
+    raise EvalError("daco steers with a trained SAE: pass --sae DIR (from `daco train-sae`), or --untrained-sae "
+                    "for each layer's dictionary-initialised SAE without training")
 
 
 def _build_from_dictionary(method: str, model, processor, dictionary, layers, config, norms):
@@ -355,6 +369,7 @@ def run_eval(config: EvalConfig, stop_after: int | None = None, log: Callable[[s
     if config.limit is not None and config.limit < 1:
         raise EvalError("limit must be at least 1")
     methods = check_methods(config.methods, config.dictionary)
+    daco_sae = _daco_sae(config) if "daco" in methods else None
     if not config.benches:
         raise EvalError("no benchmarks given: pass --bench NAME:PATH (one or more)")
     benches = {}
@@ -386,6 +401,7 @@ def run_eval(config: EvalConfig, stop_after: int | None = None, log: Callable[[s
     records = _unique(r for r in read_results(results_path) if result_key(r) in wanted)
     dead = {result_key(r) for r in read_results(out / DEADLETTER_FILE)} & wanted
     metrics = summarise(records, methods, untrained=any(r["untrained"] for r in records), model=config.model)
+    metrics["daco_sae"] = daco_sae
     metrics["dead_letters"] = len(dead)
     metrics["complete"] = len(records) + len(dead) == len(wanted)
     if any(m in DICTIONARY_METHODS for m in methods):
@@ -553,6 +569,8 @@ def markdown_table(metrics: dict) -> str:
     lines = [f"# Safety and utility: {metrics['model']}", ""]
     if metrics["untrained"]:
         lines += ["**UNTRAINED model (random weights): these numbers only exercise the pipeline.**", ""]
+    if metrics.get("daco_sae"):
+        lines += [f"daco SAE: {metrics['daco_sae']}.", ""]
     if metrics.get("images_not_shown"):
         lines += [f"Text-only model: {metrics['images_not_shown']} generations got the prompt without its image.", ""]
     attacks = [m for m in metrics["overall"] if m in ATTACK_METHODS]
