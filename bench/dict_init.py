@@ -1,4 +1,4 @@
-"""Dictionary initialisation versus random initialisation of a TopK SAE (METHODS.md §3).
+"""Dictionary initialisation versus random initialisation of a TopK SAE (docs/methods.md §3).
 
 Planted data: ``--concepts`` unit concept directions in R^d (random, so mildly
 correlated); each activation is a shared mean offset plus a sparse non-negative

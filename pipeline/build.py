@@ -1,4 +1,4 @@
-"""``daco build``: the whole DACO-400K pipeline, WordNet to dictionary (DESIGN.md, upper line).
+"""``daco build``: the whole DACO-400K pipeline, WordNet to dictionary (docs/design.md, upper line).
 
 Phases (each a Beam pipeline on the chosen runner, except the corpus step):
 

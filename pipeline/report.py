@@ -171,7 +171,7 @@ def _read_layer(path: Path, layer: int) -> tuple[list[str], np.ndarray, np.ndarr
     column = table.column("direction").combine_chunks()
     if not pa.types.is_fixed_size_list(column.type):
         raise ReportError(f"{path}: column 'direction' has type {column.type}; expected fixed_size_list<float32>[d] "
-                          "(DESIGN.md); rewrite it with steering.dictionary.write_dictionary_parquet")
+                          "(docs/design.md); rewrite it with steering.dictionary.write_dictionary_parquet")
     values = np.asarray(column.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
     mat = values.reshape(len(table), column.type.list_size)
     bad = np.flatnonzero(~np.isfinite(mat).all(axis=1))

@@ -67,7 +67,7 @@ class SAEConfig(StageConfig):
         aux_coefficient, k_aux, dead_window: AuxK as in ``steering.train``.
         normalize_activations: "expected_average_only_in" (SAELens: scale by
             sqrt(d_in) / mean norm, folded into the saved weights) or "none".
-        eta: cosine threshold of the atom annotation (METHODS.md §3).
+        eta: cosine threshold of the atom annotation (docs/methods.md §3).
         log_every: steps between FVU / L0 / dead-fraction lines.
         checkpoint_every: steps between checkpoints.
         seed: token sampling, shuffling, free atoms and random init.

@@ -1,4 +1,4 @@
-"""Labelling SAE atoms with concepts (METHODS.md §3, "Annotation").
+"""Labelling SAE atoms with concepts (docs/methods.md §3, "Annotation").
 
 For one layer of a :class:`~steering.dictionary.ConceptDictionary`:
 

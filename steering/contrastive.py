@@ -1,4 +1,4 @@
-"""Contrastive sets for the published defences (METHODS.md §4), and their activations.
+"""Contrastive sets for the published defences (docs/methods.md §4), and their activations.
 
 Four kinds of file, all JSON Lines (one JSON object per line, blank lines ignored):
 

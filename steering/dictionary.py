@@ -1,4 +1,4 @@
-"""Loading the DACO-400K concept dictionary (DESIGN.md, "Data contracts").
+"""Loading the DACO-400K concept dictionary (docs/design.md, "Data contracts").
 
 An output folder (or a Hugging Face dataset repo with the same layout) holds::
 

@@ -1,4 +1,4 @@
-"""Sparse autoencoder with dictionary initialisation, in SAELens's on-disk format (METHODS.md §3).
+"""Sparse autoencoder with dictionary initialisation, in SAELens's on-disk format (docs/methods.md §3).
 
 Parameters follow SAELens: ``W_enc`` [d_in, d_sae], ``b_enc`` [d_sae],
 ``W_dec`` [d_sae, d_in], ``b_dec`` [d_in];

@@ -1,4 +1,4 @@
-"""Sparse coding over a concept dictionary and the MOP edit (METHODS.md §2).
+"""Sparse coding over a concept dictionary and the MOP edit (docs/methods.md §2).
 
 An activation z (dimension d) is written as ``z = D^T c + r`` over the
 dictionary D ([n, d], one concept direction per row; rows should be unit-norm,

@@ -1,4 +1,4 @@
-"""Training an :class:`~steering.sae.SAE` on activations (METHODS.md §3).
+"""Training an :class:`~steering.sae.SAE` on activations (docs/methods.md §3).
 
 Loss per batch: the batch's fraction of variance unexplained,
 ``sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` (scale-free, so learning rates

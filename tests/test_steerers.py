@@ -139,7 +139,7 @@ def test_daco_relu_slice_equals_the_full_encode():
 
 
 def dense_delta(steerer: DacoSteerer, layer: int, z: torch.Tensor) -> torch.Tensor:
-    """METHODS.md §3 written out densely: c_hat over every atom (-c* on K-, gamma on K+), then c_hat @ W_dec."""
+    """docs/methods.md §3 written out densely: c_hat over every atom (-c* on K-, gamma on K+), then c_hat @ W_dec."""
     sae = steerer.saes[layer]
     codes = sae.encode(z)
     c_hat = torch.zeros_like(codes)

@@ -1,4 +1,4 @@
-"""Activation stage: stimuli -> pooled MLLM activations per (concept, layer, role) (METHODS.md §1.3).
+"""Activation stage: stimuli -> pooled MLLM activations per (concept, layer, role) (docs/methods.md §1.3).
 
 Each stimulus (its image and caption, in the model's chat template around
 ``prompt_template``) runs once through the frozen MLLM, however many concepts use

@@ -1,4 +1,4 @@
-"""Concept stage: WordNet synsets -> ``concepts.parquet`` (METHODS.md §1.1, §1.5).
+"""Concept stage: WordNet synsets -> ``concepts.parquet`` (docs/methods.md §1.1, §1.5).
 
 Steps, each counted:
 

@@ -1,4 +1,4 @@
-"""Directions stage: pooled MLLM activations -> one direction per (concept, layer) (METHODS.md §1.4).
+"""Directions stage: pooled MLLM activations -> one direction per (concept, layer) (docs/methods.md §1.4).
 
 ``d_{l,c} = mean_{x in X+} z_l(x) - mean_{x in X-} z_l(x)``
 

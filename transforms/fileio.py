@@ -1,7 +1,7 @@
 """Writing outputs through Beam's filesystems (local paths, gs://, ...), atomically.
 
 Every output is written under a temporary name and renamed, so a reader never
-sees half a file (DESIGN.md, Conventions).
+sees half a file (docs/design.md, Conventions).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ overrides it with a YAML file of the form::
     subtrees:            # whole subtrees, ahead of the curated lexicon
       knife.n.01: undesirable
 
-Rules (METHODS.md §1.5; review rules in docs/concepts.md): a concept under a root
+Rules (docs/methods.md §1.5; review rules in docs/concepts.md): a concept under a root
 takes the root's polarity and ``polarity_source`` = the root's id. Single-concept
 overrides beat user subtrees, which beat the curated lexicon. Within one source, the
 nearest root wins, and at equal distance undesirable beats desirable. The lexicon's

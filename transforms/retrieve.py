@@ -1,6 +1,6 @@
-"""Retrieval stage: concept embeddings x caption-image pairs -> ``stimuli/*.parquet`` (METHODS.md §1.2).
+"""Retrieval stage: concept embeddings x caption-image pairs -> ``stimuli/*.parquet`` (docs/methods.md §1.2).
 
-Inputs: an embeddings folder in clip-retrieval's layout (DESIGN.md) and one CLIP text
+Inputs: an embeddings folder in clip-retrieval's layout (docs/design.md) and one CLIP text
 embedding per concept. For every concept c and pair x:
 
 * ``s_img = s(c, image of x)`` and ``s_txt = s(c, caption of x)``, each in (0, 1]:
@@ -409,7 +409,7 @@ class PairIndex:
         return log_img, log_txt, daco_distance(log_img, log_txt)
 
     def row(self, concept_id: str, i: int, log_img: float, log_txt: float, dist: float, role: str, rank: int) -> dict:
-        """One stimuli row (DESIGN.md columns)."""
+        """One stimuli row (docs/design.md columns)."""
         return {"concept_id": concept_id, "key": self.keys[i], "caption": self.captions[i], "url": self.urls[i],
                 "shard": self.shards[i], "s_img": float(np.exp(log_img)), "s_txt": float(np.exp(log_txt)),
                 "score": float(dist), "role": role, "rank": rank}
@@ -515,7 +515,7 @@ def retrieve_batch(pairs: PairIndex, concept_ids: list[str], queries: np.ndarray
 
 
 def to_table(rows: list[dict], provenance: dict | None = None) -> pa.Table:
-    """Stimuli rows in the DESIGN.md schema, sorted by (concept_id, role: positives first, rank);
+    """Stimuli rows in the docs/design.md schema, sorted by (concept_id, role: positives first, rank);
     ``provenance`` (e.g. the CLIP model and its ``untrained`` flag) goes into the file's
     schema metadata under ``daco``."""
     rows = sorted(rows, key=lambda r: (r["concept_id"], r["role"] != "positive", r["rank"]))

@@ -422,7 +422,7 @@ def validate_output_folder(out_dir: str | Path) -> list[PublishFile]:
     interrupted, so its files may mix two builds); no published file is a symbolic link;
     README.md (a card with YAML front matter declaring configs), metadata.json,
     concepts.parquet, stimuli/*.parquet and dictionary/*.parquet exist and are readable; their
-    schemas follow DESIGN.md; the directions are fixed_size_list<float32>[d] of one d, finite,
+    schemas follow docs/design.md; the directions are fixed_size_list<float32>[d] of one d, finite,
     of known concepts; metadata's counts, dimension and layers match the files. A remote folder
     is checked on a temporary local copy of the published files. Raises :class:`FolderInvalid`
     naming the file and the reason.

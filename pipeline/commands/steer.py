@@ -4,7 +4,7 @@ HELP = "Generate from a prompt (and image) with and without steering, and print 
 
 METHODS = ("daco", "mop", "actadd", "prompting")
 DEFENCES = ("refusal", "mars", "iar", "ras")
-"""Published defences fitted on contrastive sets (METHODS.md §4), not on the dictionary."""
+"""Published defences fitted on contrastive sets (docs/methods.md §4), not on the dictionary."""
 
 
 def add_arguments(parser):
@@ -29,7 +29,7 @@ def add_arguments(parser):
                              "untrained")
     parser.add_argument("--k", type=int, default=32, help="daco with --untrained-sae: TopK k of the dictionary-initialised SAE (capped at the number of concepts; default 32)")
     parser.add_argument("--eta", type=float, default=0.5,
-                        help="daco: cosine threshold of the annotation's centroid rule (METHODS.md §3)")
+                        help="daco: cosine threshold of the annotation's centroid rule (docs/methods.md §3)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (greedy; default 32)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the untrained model (default 0)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")

@@ -1,6 +1,6 @@
 """Benchmark loaders: local copies (or Hub ids) of the safety and utility sets -> :class:`BenchmarkItem` lists.
 
-Every loader reads its benchmark's real release layout (METHODS.md §5):
+Every loader reads its benchmark's real release layout (docs/methods.md §5):
 
 * ``mm-safetybench`` (:func:`load_mm_safetybench`): ``processed_questions/<scenario>.json``
   (a dict keyed by question id) and ``imgs/<scenario>/{SD,TYPO,SD_TYPO}/<id>.jpg``. The

@@ -1,6 +1,6 @@
 """Judges: did the model refuse, and is its answer unsafe.
 
-:func:`is_refusal` is the judge-free keyword scorer of METHODS.md §5, made position-aware.
+:func:`is_refusal` is the judge-free keyword scorer of docs/methods.md §5, made position-aware.
 A response is a refusal when one of its opening sentences (at most
 :data:`OPENING_SENTENCES`, and only before the first list item or code block) is a
 refusal sentence:

@@ -1,4 +1,4 @@
-"""Steering methods, one module each, behind the :class:`Steerer` interface (METHODS.md §2-4).
+"""Steering methods, one module each, behind the :class:`Steerer` interface (docs/methods.md §2-4).
 
 Each steerer is a context manager over a Hugging Face model that adds ``delta(layer, z)``
 to the chosen decoder layers' outputs for every token (prefill and each decode step,

@@ -1,4 +1,4 @@
-"""ActAdd: add a fixed steering vector at every position (METHODS.md §4).
+"""ActAdd: add a fixed steering vector at every position (docs/methods.md §4).
 
 ``h_l <- h_l + c v_l`` where ``v_l`` is either the dictionary combination
 ``sum_{K+} D_i - sum_{K-} D_i`` (:meth:`ActAddSteerer.from_dictionary`) or the

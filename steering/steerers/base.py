@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 DEFAULT_LAYERS: tuple[int, ...] = (15, 16, 17, 18, 19)
-"""The layers the DACO paper steers (METHODS.md §1.3)."""
+"""The layers the DACO paper steers (docs/methods.md §1.3)."""
 
 IndexSets = Sequence[int] | Mapping[int, Sequence[int]]
 """Atom or concept indices: one list for every layer, or a dict layer -> list."""

@@ -1,4 +1,4 @@
-"""DACO steering through a dictionary-initialised SAE (METHODS.md §3).
+"""DACO steering through a dictionary-initialised SAE (docs/methods.md §3).
 
 At each steered layer and position: ``c* = encode(z)``; ``c_hat_i = -c*_i`` for the
 undesirable atoms K-, ``+gamma`` for the desirable atoms K+, 0 otherwise; and

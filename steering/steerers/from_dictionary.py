@@ -53,7 +53,7 @@ def mean_activation_norms(model, processor, layers: Sequence[int], prompts: Sequ
 
 def daco_saes(dictionary, layers: Sequence[int], sae_dir: str | None = None, k: int = 32, eta: float = 0.5):
     """Per layer: the SAE (``sae_dir/layer_L/`` when given, else dictionary-initialised with TopK ``k``)
-    and its undesirable / desirable atoms by METHODS.md §3's centroid rule with threshold ``eta``.
+    and its undesirable / desirable atoms by docs/methods.md §3's centroid rule with threshold ``eta``.
     Returns (saes, undesirable, desirable), each a dict keyed by layer."""
     from steering.annotate import annotate
     from steering.sae import SAE

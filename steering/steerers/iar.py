@@ -1,4 +1,4 @@
-"""IAR, internal activation revision, as a steerer (METHODS.md §4).
+"""IAR, internal activation revision, as a steerer (docs/methods.md §4).
 
 Samples ("Multi-Response"): each harmful query is paired with ``responses_per_query``
 refusals (positives) and as many compliant answers (negatives), rendered as a chat

@@ -1,6 +1,6 @@
-"""MARS, modality-agnostic refusal steering, as a steerer (METHODS.md §4; documented reconstruction).
+"""MARS, modality-agnostic refusal steering, as a steerer (docs/methods.md §4; documented reconstruction).
 
-The paper gives no exact equations; this is the reconstruction METHODS.md documents:
+The paper gives no exact equations; this is the reconstruction docs/methods.md documents:
 
 * Direction: the LLM backbone's text-only refusal direction at one layer,
   ``r = mean(harmful) - mean(harmless)`` of the layer's output at the last prompt

@@ -1,4 +1,4 @@
-"""MOP / PaCE steering: sparse-code each activation on the concept dictionary (METHODS.md §2).
+"""MOP / PaCE steering: sparse-code each activation on the concept dictionary (docs/methods.md §2).
 
 For every position: solve ``z ~ D^T c`` over the unit-normalised dictionary (elastic
 net, or PaCE's low-rank least squares), then

@@ -1,4 +1,4 @@
-"""The prompting baseline: a safety system prompt before the query (METHODS.md §4).
+"""The prompting baseline: a safety system prompt before the query (docs/methods.md §4).
 
 It changes the chat messages, not the activations: its delta is zero and it registers
 no hooks.

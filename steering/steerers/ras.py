@@ -1,4 +1,4 @@
-"""RAS, risk-adaptive steering, as a steerer (METHODS.md §4; docs/defences.md).
+"""RAS, risk-adaptive steering, as a steerer (docs/methods.md §4; docs/defences.md).
 
 The prompts are worded as in the RAS authors' released code (repository
 ``snumprlab/moras``, file ``LLaVA/utils/utils.py``: :data:`CONTEXT_INSTRUCTION` is

@@ -1,4 +1,4 @@
-"""Refusal direction (Arditi et al., 2024) as a steerer (METHODS.md §4; docs/defences.md).
+"""Refusal direction (Arditi et al., 2024) as a steerer (docs/methods.md §4; docs/defences.md).
 
 Fit (:meth:`RefusalDirectionSteerer.fit`): for every decoder layer l and every
 post-instruction position i (the chat-template tokens after the user's instruction,
