@@ -156,7 +156,7 @@ class ConceptDictionary:
         d: dimension of every direction.
         source: the folder the dictionary was read from.
         metadata: the folder's metadata.json (empty when absent).
-        missing: concepts of concepts.parquet without a direction at some loaded layer
+        missing: concepts of concepts.parquet (reserve rows aside) without a direction at some loaded layer
             (dropped from ``concept_ids``; the pipeline dead-letters them).
     """
 
@@ -402,7 +402,10 @@ def load_dictionary(path_or_repo_id: str | os.PathLike, layers: Iterable[int] | 
     all_ids = concepts.column("concept_id").to_pylist()
     keep = [i for i, cid in enumerate(all_ids) if all(cid in per_layer[l] for l in present)]
     kept = set(keep)
-    missing = [cid for i, cid in enumerate(all_ids) if i not in kept]
+    # reserve rows (the next-ranked candidates retrieval draws on when a concept is absent from
+    # the corpus, docs/concepts.md) without directions are unused reserves, not missing concepts
+    reserve = concepts.column("reserve").to_pylist() if "reserve" in concepts.column_names else [False] * len(all_ids)
+    missing = [cid for i, cid in enumerate(all_ids) if i not in kept and not reserve[i]]
     if missing:
         warnings.warn(f"{len(missing)} concept(s) of {folder / 'concepts.parquet'} have no direction at some "
                       f"of layers {present} and are left out, e.g. {missing[:5]}", stacklevel=2)

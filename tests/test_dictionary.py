@@ -154,6 +154,20 @@ def test_missing_concepts_are_reported_not_silent(tmp_path):
     assert dic.missing == ["tree.n.01"] and len(dic) == 4
 
 
+def test_unused_reserve_concepts_are_not_missing(tmp_path):
+    """Reserve rows (next-ranked candidates retrieval did not need) have no direction by design."""
+    import warnings
+
+    write_folder(tmp_path / "out", concepts=CONCEPTS[:4])
+    pq.write_table(pa.table({"concept_id": [c[0] for c in CONCEPTS], "group": [c[1] for c in CONCEPTS],
+                             "polarity": [c[2] for c in CONCEPTS], "reserve": [False] * 4 + [True]}),
+                   tmp_path / "out" / "concepts.parquet")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dic = load_dictionary(tmp_path / "out")
+    assert dic.missing == [] and len(dic) == 4 and "tree.n.01" not in dic.concept_ids
+
+
 def test_hub_id_offline_gives_clear_error(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
