@@ -369,9 +369,7 @@ def _shard_paths(folder: _Folder) -> dict[str, str]:
     output folder, wherever the build ran) or OUT/corpus/shards/*.tar ({} if none)."""
     from transforms.shards import ShardsNotFound, match_shards, shard_name
 
-    pattern = folder.metadata.get("shards") or "corpus/shards/*.tar"
-    if not fileio.is_remote(pattern) and not Path(pattern).is_absolute():
-        pattern = fileio.join(folder.source, pattern)
+    pattern = fileio.under(folder.source, folder.metadata.get("shards") or "corpus/shards/*.tar")
     try:
         return {shard_name(p): p for p in match_shards(pattern)}
     except (ShardsNotFound, OSError, ValueError):

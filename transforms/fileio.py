@@ -105,6 +105,16 @@ def is_remote(path: str) -> bool:
     return FileSystems.get_scheme(str(path)) not in (None, "file")
 
 
+def under(folder: str, path: str) -> str:
+    """A path recorded relative to ``folder`` (as metadata.json records inputs inside the output
+    folder, see ``pipeline.build.relative_to``) made usable: joined to ``folder`` unless it is
+    absolute or a URL."""
+    path = str(path)
+    if is_remote(path) or os.path.isabs(path):
+        return path
+    return join(str(folder), path)
+
+
 def exists(path: str) -> bool:
     """Whether a file (or local directory) exists, on any Beam filesystem."""
     return FileSystems.exists(str(path))

@@ -37,6 +37,7 @@ def run(args, beam_args):
     from pipeline.train_sae import CHECKPOINT, Run, load_train_config, stimulus_keys, train, write_outputs
     from steering.dictionary import load_dictionary
     from steering.models import is_untrained
+    from transforms import fileio
 
     mllm, cfg, source = load_train_config(args.config, args.preset)
     if args.stop_after_steps is not None and args.stop_after_steps < 1:
@@ -51,9 +52,9 @@ def run(args, beam_args):
     if built_with and built_with != wanted:
         raise SystemExit(f"daco train-sae: {folder} was built with {built_with} but the config's mllm is {wanted}; "
                          "use the preset or config the dictionary was built with")
-    shards = args.shards or metadata.get("shards")
-    if not shards:
+    if not (args.shards or metadata.get("shards")):
         raise SystemExit(f"daco train-sae: {metadata_path} names no shards; pass --shards GLOB")
+    shards = args.shards or fileio.under(str(folder), metadata["shards"])  # recorded relative to the folder
     try:
         dictionary = load_dictionary(folder, layers=mllm.layers)
     except (OSError, KeyError, ValueError) as exc:
