@@ -6,13 +6,15 @@ Steps, each counted:
 2. filter: part of speech (``dropped_pos``), inside an included root subtree and
    outside every excluded one (``dropped_root``), instances (proper nouns) outside
    ``instance_groups`` (``dropped_instance``), depth range (``dropped_depth``), tag-count
-   frequency (``dropped_min_frequency``), picturability: rated by the human norms and at
-   least ``min_concreteness`` / ``min_visual`` (``dropped_picturability``);
+   frequency (``dropped_min_frequency``), picturability: rated by the human norms (or, in
+   ``inherit_groups``, by the nearest rated hypernym) and at least ``min_concreteness`` /
+   ``min_visual`` (``dropped_picturability``);
 3. one concept per surface lemma: every lemma goes to the sense with the most evidence
    (:meth:`ConceptSelector.sense_evidence`; WordNet tag count, then sense number break ties); a synset
    that wins no lemma is dropped (``dropped_lemma_dedup``), one that wins several is
    labelled with its best one;
-4. rank by picturability x frequency from published ratings (transforms/picturability.py;
+4. rank by picturability x frequency from published ratings times the lexicographer group's
+   factor (``group_weights``; transforms/picturability.py;
    undesirable concepts first when ``prioritise_undesirable``; see :func:`rank_key`) and
    cut at ``max_concepts`` plus a ``reserve`` of the next-ranked candidates
    (``dropped_cut``); ``kept`` + ``reserve`` rows are written (the reserve flagged).
@@ -313,16 +315,16 @@ class ConceptSelector:
         }, None
 
 
-def evidence_columns(ratings: Ratings, lemma_names: list[str], weights: tuple[float, float, float]) -> dict:
+def evidence_columns(ratings: Ratings, lemma_names: list[str], weights: tuple[float, float, float],
+                     factor: float = 1.0) -> dict:
     """The rating columns of a concepts.parquet row: concreteness (1-5) and visual strength
     (0-5) combined over the lemmas, the largest Zipf frequency, and the ranking score
-    (``picturability``); all None when no lemma is rated."""
-    return score_columns(ratings.synset(lemma_names), weights)
+    (``picturability``, times the group factor ``factor``); all None when no lemma is rated."""
+    return score_columns(ratings.synset(lemma_names), weights, factor)
 
 
 def score_columns(evidence: Evidence | None, weights: tuple[float, float, float], factor: float = 1.0) -> dict:
-    """The rating columns of one synset's evidence (see :func:`evidence_columns`), the score times the
-    group factor ``factor``; all None for no evidence."""
+    """The rating columns of one synset's evidence (see :func:`evidence_columns`); all None for no evidence."""
     if evidence is None:
         return {"concreteness": None, "visual": None, "zipf": None, "picturability": None}
     return {"concreteness": None if evidence.concreteness is None else 1.0 + 4.0 * evidence.concreteness,
