@@ -224,7 +224,8 @@ class ConceptSelector:
     def sense_evidence(self, synset) -> float:
         """How picturable and common this sense is: the sum of the ``sense_top`` best word scores
         among its lemmas and those of its hyponyms down to ``sense_depth`` levels (the words
-        naming it or its kinds; word ratings alone cannot tell a word's senses apart)."""
+        naming it or its kinds; word ratings alone cannot tell a word's senses apart), times its
+        lexicographer group's factor (``group_weights``)."""
         words, level = [lemma.name() for lemma in synset.lemmas()], [synset]
         for _ in range(self.cfg.sense_depth):
             level = [h for s in level for h in s.hyponyms()]
