@@ -167,7 +167,10 @@ def test_user_overrides_relabel_concepts_and_subtrees(tmp_path):
         "concepts": {"rifle.n.01": "neutral"},
         "subtrees": {"dog.n.01": "desirable"},
     }))
-    rows, _ = select_concepts_direct(ConceptsConfig.from_dict({**SMALL, "polarity_overrides": str(overrides)}))
+    # 1,000: the undesirable weapons (named guns included, rated through their hypernyms) rank first,
+    # and rifle, relabelled neutral, must still make the list.
+    rows, _ = select_concepts_direct(ConceptsConfig.from_dict({**SMALL, "max_concepts": 1000,
+                                                               "polarity_overrides": str(overrides)}))
     by_id = {r["concept_id"]: r for r in rows}
     assert (by_id["rifle.n.01"]["polarity"], by_id["rifle.n.01"]["polarity_source"]) == ("neutral", "rifle.n.01")
     assert by_id["pistol.n.01"]["polarity"] == "undesirable"
