@@ -199,3 +199,18 @@ def test_config_errors_name_the_option(tmp_path):
     bad.write_text(yaml.safe_dump({"subtrees": {"dog.n.01": "good"}}))
     with pytest.raises(ValueError, match="bad.yaml.*not one of"):
         select_concepts_direct(ConceptsConfig.from_dict({**SMALL, "polarity_overrides": str(bad)}))
+
+
+def test_rating_by_won_lemmas_rates_a_synset_by_the_words_it_won_only():
+    """A synset that wins "b" but loses "a" is rated by "b" alone with ``rate_by_won_lemmas``; by both otherwise."""
+    from transforms.concepts import label_concept
+
+    a, b = (1.0, 1.0, 1.0), (0.5, 0.5, 0.5)  # normalised (c, v, f) of the two lemmas
+    candidate = {"concept_id": "x.n.01", "lemmas": ["a", "b"], "concreteness": 4.0, "visual": 3.75, "zipf": 7.0,
+                 "picturability": 0.42, "_words": [a, b], "_factor": 0.5, "_rated_by": "lemmas"}
+    won = [("b", (0.0, 0, 1, "x.n.01", 1))]
+    row = label_concept(candidate, won, ConceptsConfig(rate_by_won_lemmas=True))
+    assert row["lemma"] == "b" and row["concreteness"] == pytest.approx(3.0) and row["visual"] == pytest.approx(2.5)
+    assert row["zipf"] == pytest.approx(3.5) and row["picturability"] == pytest.approx(0.5 * 0.5 ** 3)
+    assert label_concept(candidate, won, ConceptsConfig())["picturability"] == 0.42
+    assert label_concept(candidate, [], ConceptsConfig(rate_by_won_lemmas=True)) is None
