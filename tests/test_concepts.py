@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from pipeline.cli import main
-from transforms.concepts import ConceptsConfig, SCHEMA, select_concepts_direct, to_table
+from transforms.concepts import ConceptSelector, ConceptsConfig, SCHEMA, select_concepts_direct, to_table
 
 SMALL = {"roots": ["animal.n.01", "weapon.n.01"], "include_polarity_roots": False, "max_concepts": 300}
 
@@ -63,6 +63,35 @@ def test_rank_follows_the_picturability_score_and_ratings_are_columns(full):
     neutral = sorted((r for r in full if r["polarity"] != "undesirable"), key=lambda r: r["rank"])
     scores = [r["picturability"] for r in neutral]
     assert scores == sorted(scores, reverse=True)
+
+
+def test_group_factor_lowers_persons_and_abstract_persons_are_out(full):
+    """A person's score is its rating score times noun.person's factor 0.5; relations are not kept."""
+    persons = [r for r in full if r["group"] == "noun.person" and r["concreteness"] and r["visual"]]
+    assert persons
+    for r in persons[:50]:
+        raw = (r["concreteness"] - 1) / 4 * r["visual"] / 5 * min(r["zipf"], 7) / 7
+        assert r["picturability"] == pytest.approx(0.5 * raw, rel=1e-5)
+    ids = {r["concept_id"] for r in full}
+    assert not ids & {"cousin.n.01", "nephew.n.01", "stepson.n.01", "creditor.n.01", "rival.n.01"}
+
+
+def test_unrated_leaves_inherit_a_rated_hypernym_and_only_when_asked():
+    from transforms.picturability import Ratings
+
+    rows, _ = select_concepts_direct(ConceptsConfig.from_dict(SMALL))
+    ratings = Ratings()
+    inherited = [r for r in rows if ratings.synset([lemma.replace(" ", "_") for lemma in r["lemmas"]]) is None]
+    assert inherited
+    plain = ConceptSelector(ConceptsConfig.from_dict({**SMALL, "inherit_levels": 0}))
+    assert {plain.evaluate(r["concept_id"])[1] for r in inherited} == {"picturability"}
+    selector = ConceptSelector(ConceptsConfig.from_dict(SMALL))
+    for r in inherited[:20]:  # the ratings of a hypernym one or two levels up
+        synset = selector.wn.synset(r["concept_id"])
+        up = {h.name() for h in synset.hypernyms()} | {g.name() for h in synset.hypernyms() for g in h.hypernyms()}
+        _evidence, hypernym = selector.inherited(synset)
+        rated = ratings.synset([lemma.name() for lemma in selector.wn.synset(hypernym).lemmas()])
+        assert hypernym in up and r["concreteness"] == pytest.approx(1 + 4 * rated.concreteness, rel=1e-5)
 
 
 def test_instances_keep_their_proper_name_and_do_not_take_the_common_noun(full):
@@ -138,7 +167,10 @@ def test_user_overrides_relabel_concepts_and_subtrees(tmp_path):
         "concepts": {"rifle.n.01": "neutral"},
         "subtrees": {"dog.n.01": "desirable"},
     }))
-    rows, _ = select_concepts_direct(ConceptsConfig.from_dict({**SMALL, "polarity_overrides": str(overrides)}))
+    # 1,000: the undesirable weapons (named guns included, rated through their hypernyms) rank first,
+    # and rifle, relabelled neutral, must still make the list.
+    rows, _ = select_concepts_direct(ConceptsConfig.from_dict({**SMALL, "max_concepts": 1000,
+                                                               "polarity_overrides": str(overrides)}))
     by_id = {r["concept_id"]: r for r in rows}
     assert (by_id["rifle.n.01"]["polarity"], by_id["rifle.n.01"]["polarity_source"]) == ("neutral", "rifle.n.01")
     assert by_id["pistol.n.01"]["polarity"] == "undesirable"
@@ -155,9 +187,30 @@ def test_config_errors_name_the_option(tmp_path):
         ConceptsConfig.from_dict({"lemma_combine": "median"})
     with pytest.raises(ValueError, match="instance_groups.*noun.objects"):
         ConceptsConfig.from_dict({"instance_groups": ["noun.objects"]})
+    with pytest.raises(ValueError, match="group_weights.*noun.persons"):
+        ConceptsConfig.from_dict({"group_weights": {"noun.persons": 0.5}})
+    with pytest.raises(ValueError, match="group_weights must be in"):
+        ConceptsConfig.from_dict({"group_weights": {"noun.person": 2.0}})
+    with pytest.raises(ValueError, match="inherit_levels must be >= 0"):
+        ConceptsConfig.from_dict({"inherit_levels": -1})
     with pytest.raises(ValueError, match="not a WordNet synset"):
         select_concepts_direct(ConceptsConfig.from_dict({"roots": ["no_such_thing.n.01"]}))
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"subtrees": {"dog.n.01": "good"}}))
     with pytest.raises(ValueError, match="bad.yaml.*not one of"):
         select_concepts_direct(ConceptsConfig.from_dict({**SMALL, "polarity_overrides": str(bad)}))
+
+
+def test_rating_by_won_lemmas_rates_a_synset_by_the_words_it_won_only():
+    """A synset that wins "b" but loses "a" is rated by "b" alone with ``rate_by_won_lemmas``; by both otherwise."""
+    from transforms.concepts import label_concept
+
+    a, b = (1.0, 1.0, 1.0), (0.5, 0.5, 0.5)  # normalised (c, v, f) of the two lemmas
+    candidate = {"concept_id": "x.n.01", "lemmas": ["a", "b"], "concreteness": 4.0, "visual": 3.75, "zipf": 7.0,
+                 "picturability": 0.42, "_words": [a, b], "_factor": 0.5, "_rated_by": "lemmas"}
+    won = [("b", (0.0, 0, 1, "x.n.01", 1))]
+    row = label_concept(candidate, won, ConceptsConfig(rate_by_won_lemmas=True))
+    assert row["lemma"] == "b" and row["concreteness"] == pytest.approx(3.0) and row["visual"] == pytest.approx(2.5)
+    assert row["zipf"] == pytest.approx(3.5) and row["picturability"] == pytest.approx(0.5 * 0.5 ** 3)
+    assert label_concept(candidate, won, ConceptsConfig())["picturability"] == 0.42
+    assert label_concept(candidate, [], ConceptsConfig(rate_by_won_lemmas=True)) is None

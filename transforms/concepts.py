@@ -6,13 +6,15 @@ Steps, each counted:
 2. filter: part of speech (``dropped_pos``), inside an included root subtree and
    outside every excluded one (``dropped_root``), instances (proper nouns) outside
    ``instance_groups`` (``dropped_instance``), depth range (``dropped_depth``), tag-count
-   frequency (``dropped_min_frequency``), picturability: rated by the human norms and at
-   least ``min_concreteness`` / ``min_visual`` (``dropped_picturability``);
+   frequency (``dropped_min_frequency``), picturability: rated by the human norms (or, in
+   ``inherit_groups``, by the nearest rated hypernym) and at least ``min_concreteness`` /
+   ``min_visual`` (``dropped_picturability``);
 3. one concept per surface lemma: every lemma goes to the sense with the most evidence
    (:meth:`ConceptSelector.sense_evidence`; WordNet tag count, then sense number break ties); a synset
    that wins no lemma is dropped (``dropped_lemma_dedup``), one that wins several is
    labelled with its best one;
-4. rank by picturability x frequency from published ratings (transforms/picturability.py;
+4. rank by picturability x frequency from published ratings times the lexicographer group's
+   factor (``group_weights``; transforms/picturability.py;
    undesirable concepts first when ``prioritise_undesirable``; see :func:`rank_key`) and
    cut at ``max_concepts`` plus a ``reserve`` of the next-ranked candidates
    (``dropped_cut``); ``kept`` + ``reserve`` rows are written (the reserve flagged).
@@ -38,7 +40,7 @@ from apache_beam.metrics import Metrics
 from transforms import fileio
 from transforms.config import StageConfig
 from transforms.counters import Reconciliation
-from transforms.picturability import COMBINES, ZIPF_CAP, Ratings
+from transforms.picturability import COMBINES, ZIPF_CAP, Evidence, Ratings, combine_words
 from transforms.progress import ProgressLog
 from transforms.polarity import Lexicon, load_lexicon, polarity_table
 from transforms.wordnet import LEXNAMES, load_wordnet
@@ -46,6 +48,14 @@ from transforms.wordnet import LEXNAMES, load_wordnet
 NAMESPACE = "concepts"
 FILTERS = ("pos", "root", "instance", "depth", "min_frequency", "picturability", "lemma_dedup", "cut")
 WEIGHT_NAMES = ("concreteness", "visual", "frequency")
+# Default ``group_weights`` (docs/concepts.md, "Ranking"): groups of persons, acts, events and
+# abstractions, whose words can be concrete and visual while the sense is not.
+ABSTRACT_GROUP_WEIGHTS = {
+    "noun.person": 0.5, "noun.act": 0.7, "noun.event": 0.8, "noun.process": 0.7, "noun.communication": 0.4,
+    "noun.group": 0.4, "noun.possession": 0.4, "noun.state": 0.3, "noun.cognition": 0.3,
+    "noun.attribute": 0.3, "noun.feeling": 0.3, "noun.time": 0.3, "noun.relation": 0.3, "noun.motive": 0.3,
+    "noun.quantity": 0.3,
+}
 
 SCHEMA = pa.schema([
     ("concept_id", pa.string()),
@@ -93,6 +103,15 @@ class ConceptsConfig(StageConfig):
         lemma_combine: how a synset's lemmas' ratings combine, "mean" or "max".
         min_concreteness: minimum concreteness (Brysbaert 1-5 scale) of a kept synset.
         min_visual: minimum visual strength (Lancaster 0-5 scale) of a kept synset.
+        group_weights: a factor on the score (and on the sense evidence) per WordNet lexicographer
+            group; unlisted groups 1. The default lowers groups whose members are mostly defined
+            by something a photo cannot show (a person's job, relation or opinion; an act's purpose).
+        inherit_groups: lexicographer groups whose synsets no lemma of which is rated take the
+            concreteness and visual strength of their nearest rated hypernym, up to
+            ``inherit_levels`` levels up (species, breeds, named tools), with their own frequency.
+        inherit_levels: see ``inherit_groups`` (0: no inheritance).
+        rate_by_won_lemmas: rate a synset by the lemmas it wins in the sense vote only (those
+            whose best sense it is), so a rare sense does not borrow a word's ratings.
         sense_top: a lemma's sense is chosen by the sum of the best ``sense_top`` word scores
             among the words naming the sense or its kinds down to ``sense_depth`` hyponym levels
             (:meth:`ConceptSelector.sense_evidence`).
@@ -117,6 +136,11 @@ class ConceptsConfig(StageConfig):
     lemma_combine: str = "mean"
     min_concreteness: float = 3.0
     min_visual: float = 3.0
+    group_weights: dict[str, float] = field(default_factory=lambda: dict(ABSTRACT_GROUP_WEIGHTS))
+    inherit_groups: list[str] = field(default_factory=lambda: ["noun.animal", "noun.plant", "noun.food",
+                                                               "noun.artifact"])
+    inherit_levels: int = 2
+    rate_by_won_lemmas: bool = False
     sense_top: int = 8
     sense_depth: int = 2
     prioritise_undesirable: bool = True
@@ -136,10 +160,15 @@ class ConceptsConfig(StageConfig):
                              f"got {self.weights}")
         if self.lemma_combine not in COMBINES:
             raise ValueError(f"{where}.lemma_combine must be one of {COMBINES}, got {self.lemma_combine!r}")
-        bad_groups = sorted(set(self.instance_groups) - set(LEXNAMES))
-        if bad_groups:
-            raise ValueError(f"{where}.instance_groups: {bad_groups} are not WordNet lexicographer groups "
-                             "(noun.object, noun.person, ...)")
+        for option in ("instance_groups", "group_weights", "inherit_groups"):
+            bad_groups = sorted(set(getattr(self, option)) - set(LEXNAMES))
+            if bad_groups:
+                raise ValueError(f"{where}.{option}: {bad_groups} are not WordNet lexicographer groups "
+                                 "(noun.object, noun.person, ...)")
+        if any(not 0 <= w <= 1 for w in self.group_weights.values()):
+            raise ValueError(f"{where}.group_weights must be in [0, 1], got {self.group_weights}")
+        if self.inherit_levels < 0:
+            raise ValueError(f"{where}.inherit_levels must be >= 0, got {self.inherit_levels}")
         if self.sense_top < 1 or self.sense_depth < 0:
             raise ValueError(f"{where}.sense_top must be >= 1 and sense_depth >= 0, got {self.sense_top}, "
                              f"{self.sense_depth}")
@@ -195,14 +224,36 @@ class ConceptSelector:
     def sense_evidence(self, synset) -> float:
         """How picturable and common this sense is: the sum of the ``sense_top`` best word scores
         among its lemmas and those of its hyponyms down to ``sense_depth`` levels (the words
-        naming it or its kinds; word ratings alone cannot tell a word's senses apart)."""
+        naming it or its kinds; word ratings alone cannot tell a word's senses apart), times its
+        lexicographer group's factor (``group_weights``)."""
         words, level = [lemma.name() for lemma in synset.lemmas()], [synset]
         for _ in range(self.cfg.sense_depth):
             level = [h for s in level for h in s.hyponyms()]
             words += [lemma.name() for s in level for lemma in s.lemmas()]
         scores = sorted((x for w in words if (x := self.ratings.word_score(w, self.weights)) is not None),
                         reverse=True)
-        return sum(scores[: self.cfg.sense_top])
+        return sum(scores[: self.cfg.sense_top]) * self.group_weight(synset.lexname())
+
+    def group_weight(self, group: str) -> float:
+        """``group_weights`` factor of a lexicographer group (1 when unlisted)."""
+        return self.cfg.group_weights.get(group, 1.0)
+
+    def inherited(self, synset) -> tuple[Evidence | None, str | None]:
+        """(evidence, hypernym id) for an unrated synset in ``inherit_groups``: the ratings of its nearest
+        rated hypernym (the best-scoring one at that level) with the synset's own frequency; (None, None)
+        when none within ``inherit_levels``."""
+        if synset.lexname() not in self.cfg.inherit_groups:
+            return None, None
+        frequency = max(self.ratings.lemma(lemma.name())[2] for lemma in synset.lemmas())
+        level = [synset]
+        for _ in range(self.cfg.inherit_levels):
+            level = [h for s in level for h in s.hypernyms() + s.instance_hypernyms()]
+            rated = [(e, h.name()) for h in level
+                     if (e := self.ratings.synset([lemma.name() for lemma in h.lemmas()])) is not None]
+            if rated:
+                evidence, name = max(rated, key=lambda item: (item[0].score(self.weights), item[1]))
+                return Evidence(evidence.concreteness, evidence.visual, frequency), name
+        return None, None
 
     def contested(self, lemmas) -> bool:
         """Whether some lemma has another sense in the parts of speech read (else the sense vote
@@ -227,7 +278,12 @@ class ConceptSelector:
         frequency = sum(count for _number, count in senses)
         if frequency < cfg.min_frequency:
             return None, "min_frequency"
-        columns = evidence_columns(self.ratings, [lemma.name() for lemma in lemmas], self.weights)
+        lemma_names = [lemma.name() for lemma in lemmas]
+        factor = self.group_weight(synset.lexname())
+        evidence, rated_by = self.ratings.synset(lemma_names), "lemmas"
+        if evidence is None:
+            evidence, rated_by = self.inherited(synset)
+        columns = score_columns(evidence, self.weights, factor)
         raw_c, raw_v = columns["concreteness"], columns["visual"]
         below = (raw_c is not None and raw_c < cfg.min_concreteness) or (raw_v is not None and raw_v < cfg.min_visual)
         if columns["picturability"] is None or (below and name not in self.polarity_roots):
@@ -253,19 +309,28 @@ class ConceptSelector:
             "_senses": senses,
             "_sense_evidence": self.sense_evidence(synset) if self.contested(lemmas) else 0.0,
             "_instance": instance,
+            # For rating by the won lemmas only: (c, v, f) per lemma, the group factor, how it was rated.
+            "_words": [self.ratings.lemma(n) for n in lemma_names],
+            "_factor": factor,
+            "_rated_by": rated_by,
         }, None
 
 
-def evidence_columns(ratings: Ratings, lemma_names: list[str], weights: tuple[float, float, float]) -> dict:
+def evidence_columns(ratings: Ratings, lemma_names: list[str], weights: tuple[float, float, float],
+                     factor: float = 1.0) -> dict:
     """The rating columns of a concepts.parquet row: concreteness (1-5) and visual strength
     (0-5) combined over the lemmas, the largest Zipf frequency, and the ranking score
-    (``picturability``); all None when no lemma is rated."""
-    evidence = ratings.synset(lemma_names)
+    (``picturability``, times the group factor ``factor``); all None when no lemma is rated."""
+    return score_columns(ratings.synset(lemma_names), weights, factor)
+
+
+def score_columns(evidence: Evidence | None, weights: tuple[float, float, float], factor: float = 1.0) -> dict:
+    """The rating columns of one synset's evidence (see :func:`evidence_columns`); all None for no evidence."""
     if evidence is None:
         return {"concreteness": None, "visual": None, "zipf": None, "picturability": None}
     return {"concreteness": None if evidence.concreteness is None else 1.0 + 4.0 * evidence.concreteness,
             "visual": None if evidence.visual is None else 5.0 * evidence.visual,
-            "zipf": evidence.frequency * ZIPF_CAP, "picturability": evidence.score(weights)}
+            "zipf": evidence.frequency * ZIPF_CAP, "picturability": evidence.score(weights) * factor}
 
 
 def all_synset_names(wn) -> list[str]:
@@ -299,12 +364,19 @@ def vote_owner(vote: tuple) -> str:
     return vote[3]
 
 
-def label_concept(candidate: dict, won: list[tuple[str, tuple]]) -> dict | None:
-    """The output row of a candidate that won lemmas (labelled with its best one), else None."""
+def label_concept(candidate: dict, won: list[tuple[str, tuple]], cfg: ConceptsConfig) -> dict | None:
+    """The output row of a candidate that won lemmas (labelled with its best one), else None. With
+    ``rate_by_won_lemmas`` a synset rated by its own lemmas is re-rated by the won ones (when
+    one of them is rated), so a rare sense does not borrow the ratings of a word it lost."""
     if not won:
         return None
     lemma, _vote = min(won, key=lambda item: item[1])
     row = {k: v for k, v in candidate.items() if not k.startswith("_")}
+    if cfg.rate_by_won_lemmas and candidate["_rated_by"] == "lemmas":
+        positions = {vote[4] for _lemma, vote in won}
+        evidence = combine_words([w for i, w in enumerate(candidate["_words"]) if i in positions], cfg.lemma_combine)
+        if evidence is not None:
+            row.update(score_columns(evidence, cfg.weight_tuple(), candidate["_factor"]))
     return {"lemma": lemma, **row}
 
 
@@ -350,7 +422,7 @@ def select_concepts_direct(cfg: ConceptsConfig) -> tuple[list[dict], dict[str, i
     won: dict[str, list] = {}
     for lemma, vote in best.items():
         won.setdefault(vote_owner(vote), []).append((lemma, vote))
-    labelled = [row for c in candidates if (row := label_concept(c, won.get(c["concept_id"], [])))]
+    labelled = [row for c in candidates if (row := label_concept(c, won.get(c["concept_id"], []), cfg))]
     counts["dropped_lemma_dedup"] = len(candidates) - len(labelled)
     kept = ranked(labelled, cfg)
     counts["dropped_cut"] = len(labelled) - len(kept)
@@ -389,13 +461,14 @@ class _EvaluateSynsets(beam.DoFn):
 
 
 class _Label(beam.DoFn):
-    def __init__(self):
+    def __init__(self, cfg: ConceptsConfig):
+        self.cfg = cfg
         self.dedup = Metrics.counter(NAMESPACE, "dropped_lemma_dedup")
 
     def process(self, element):
         _concept_id, grouped = element
         for candidate in grouped["candidate"]:
-            row = label_concept(candidate, list(grouped["won"]))
+            row = label_concept(candidate, list(grouped["won"]), self.cfg)
             if row is None:
                 self.dedup.inc()
             else:
@@ -445,7 +518,7 @@ class SelectConcepts(beam.PTransform):
         return (
             {"candidate": by_id, "won": winners}
             | "JoinWins" >> beam.CoGroupByKey()
-            | "OneConceptPerLemma" >> beam.ParDo(_Label())
+            | "OneConceptPerLemma" >> beam.ParDo(_Label(cfg))
         )
 
 

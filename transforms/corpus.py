@@ -289,7 +289,8 @@ def builtin_concepts(wordnet_dir: str | None = None) -> pa.Table:
             "frequency": sum(lemma.count() for lemma in synset.lemmas()),
             "polarity": pol,
             "polarity_source": source,
-            **evidence_columns(ratings, [lemma.name() for lemma in synset.lemmas()], defaults.weight_tuple()),
+            **evidence_columns(ratings, [lemma.name() for lemma in synset.lemmas()], defaults.weight_tuple(),
+                               defaults.group_weights.get(synset.lexname(), 1.0)),
             "rank": rank,
             "reserve": False,
         })

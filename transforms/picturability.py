@@ -95,6 +95,21 @@ def zipf(lemma: str) -> float:
     return zipf_frequency(lemma.replace("_", " "), "en")
 
 
+def combine_words(words: list[tuple[float | None, float | None, float]], how: str) -> Evidence | None:
+    """Evidence of a set of lemmas from their (c, v, f) tuples (module docstring): c and v by ``how``
+    over the lemmas a norm rates, f the largest over all; None when no lemma is rated."""
+    rated = [w for w in words if w[0] is not None or w[1] is not None]
+    if not rated:
+        return None
+    pick = (lambda xs: sum(xs) / len(xs)) if how == "mean" else max
+
+    def combined(values):
+        values = [x for x in values if x is not None]
+        return pick(values) if values else None
+
+    return Evidence(combined(w[0] for w in rated), combined(w[1] for w in rated), max(w[2] for w in words))
+
+
 class Ratings:
     """Word and synset evidence; ``combine`` is how ratings of a synset's lemmas combine."""
 
@@ -103,33 +118,22 @@ class Ratings:
             raise ValueError(f"concepts.lemma_combine must be one of {COMBINES}, got {combine!r}")
         self.combine = combine
         self.concreteness, self.visual = _norms()
-        self._words: dict[str, Evidence | None] = {}
+        self._words: dict[str, tuple[float | None, float | None, float]] = {}
 
-    def word(self, lemma: str) -> Evidence | None:
-        """Normalised evidence of one lemma; None when neither norm rates it."""
+    def lemma(self, lemma: str) -> tuple[float | None, float | None, float]:
+        """(c, v, f) of one lemma, normalised; c or v is None where that norm does not rate it."""
         key = _key(lemma)
         if key not in self._words:
             c, v = self.concreteness.get(key), self.visual.get(key)
-            self._words[key] = None if c is None and v is None else Evidence(
-                None if c is None else (c - 1.0) / 4.0, None if v is None else v / 5.0,
-                min(zipf(key), ZIPF_CAP) / ZIPF_CAP)
+            self._words[key] = (None if c is None else (c - 1.0) / 4.0, None if v is None else v / 5.0,
+                                min(zipf(key), ZIPF_CAP) / ZIPF_CAP)
         return self._words[key]
 
     def word_score(self, lemma: str, weights: tuple[float, float, float]) -> float | None:
         """:meth:`Evidence.score` of one lemma (None: unrated)."""
-        evidence = self.word(lemma)
+        evidence = combine_words([self.lemma(lemma)], self.combine)
         return None if evidence is None else evidence.score(weights)
 
     def synset(self, lemmas: list[str]) -> Evidence | None:
         """Evidence of a synset from its lemma names (module docstring); None when no lemma is rated."""
-        words = [w for lemma in lemmas if (w := self.word(lemma)) is not None]
-        if not words:
-            return None
-        pick = (lambda xs: sum(xs) / len(xs)) if self.combine == "mean" else max
-
-        def combined(values):
-            values = [x for x in values if x is not None]
-            return pick(values) if values else None
-
-        frequency = max(min(zipf(_key(lemma)), ZIPF_CAP) / ZIPF_CAP for lemma in lemmas)
-        return Evidence(combined(w.concreteness for w in words), combined(w.visual for w in words), frequency)
+        return combine_words([self.lemma(lemma) for lemma in lemmas], self.combine)

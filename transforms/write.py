@@ -265,7 +265,9 @@ def dataset_card(out_dir: str | Path, metadata: dict) -> str:
         "",
         f"1. **Concepts** ({counts.get('concepts', 0):,}): picturable WordNet 3.0 noun synsets (things, visible "
         "actions and events), one per surface lemma, ranked by published human ratings of concreteness and "
-        "visual strength and by word frequency, each with its lexicographer group and a desirable / "
+        "visual strength and by word frequency, times a factor per lexicographer group that lowers persons, acts "
+        "and abstractions (species and artefacts no norm rates take the ratings of their nearest rated hypernym), "
+        "each with its lexicographer group and a desirable / "
         "undesirable / neutral label (`concepts` config). Rows flagged `reserve` are next-ranked candidates "
         "that retrieval draws on when a concept has no evidence in the corpus.",
         f"2. **Stimuli** ({counts.get('stimuli', 0):,}): caption-image pairs retrieved with CLIP. Each concept "
