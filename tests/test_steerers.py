@@ -384,7 +384,8 @@ def write_dictionary_folder(root, d=64, layers=LAYERS, seed=0):
 def test_one_strength_unit_for_actadd_mop_and_daco(tmp_path, tiny):
     """gamma in units of the layer's mean activation norm: each method pushes the desirable concept equally."""
     from steering.dictionary import load_dictionary
-    from steering.steerers.from_dictionary import dictionary_steerer, mean_activation_norms
+    from steering.steerers import BuildOptions, get_steerer
+    from steering.steerers.from_dictionary import mean_activation_norms
 
     model, tokenizer = tiny
     dictionary = load_dictionary(str(write_dictionary_folder(tmp_path / "out")), layers=LAYERS)
@@ -400,7 +401,7 @@ def test_one_strength_unit_for_actadd_mop_and_daco(tmp_path, tiny):
     hug = dictionary.desirable()[0]
     z = torch.zeros(1, 64)  # no concept present: only the desirable push remains (actadd also subtracts K-)
     for method in ("actadd", "mop", "daco"):
-        steerer = dictionary_steerer(method, model, dictionary, LAYERS, gamma=0.3, norms=norms)
+        steerer = get_steerer(method).build(BuildOptions(model, tokenizer, LAYERS, dictionary, gamma=0.3, norms=norms))
         for layer in LAYERS:
             unit = dictionary.directions(layer, unit=True)
             delta = steerer.delta(layer, z)[0]

@@ -5,10 +5,11 @@ to the chosen decoder layers' outputs for every token (prefill and each decode s
 KV cache on, padded batches). :data:`STEERERS` maps method names to classes.
 """
 
-from steering.steerers.base import (DEFAULT_LAYERS, STEERERS, Steerer, get_steerer, parse_layers,
+from steering.steerers.base import (DEFAULT_LAYERS, STEERERS, BuildOptions, Steerer, get_steerer, parse_layers,
                                     record_activations, register)
 from steering.steerers.actadd import ActAddSteerer
 from steering.steerers.daco import CalibrationReport, DacoSteerer
+from steering.steerers.fitted import FittedSteerer
 from steering.steerers.iar import IARSteerer
 from steering.steerers.mars import MARSSteerer
 from steering.steerers.mop import MOPSteerer
@@ -17,7 +18,7 @@ from steering.steerers.ras import RASSteerer
 from steering.steerers.refusal import RefusalDirectionSteerer
 
 __all__ = [
-    "DEFAULT_LAYERS", "STEERERS", "Steerer", "get_steerer", "parse_layers", "record_activations", "register",
+    "DEFAULT_LAYERS", "STEERERS", "BuildOptions", "FittedSteerer", "Steerer", "get_steerer", "parse_layers", "record_activations", "register",
     "ActAddSteerer", "CalibrationReport", "DacoSteerer", "MOPSteerer", "PromptingSteerer", "SAFETY_SYSTEM_PROMPT",
     "IARSteerer", "MARSSteerer", "RASSteerer", "RefusalDirectionSteerer",
 ]
