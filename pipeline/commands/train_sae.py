@@ -54,6 +54,8 @@ def run(args, beam_args):
     shards = args.shards or metadata.get("shards")
     if not shards:
         raise SystemExit(f"daco train-sae: {metadata_path} names no shards; pass --shards GLOB")
+    if not args.shards and "://" not in shards and not Path(shards).is_absolute():
+        shards = str(folder / shards)  # metadata.json records shards inside the folder relative to it
     try:
         dictionary = load_dictionary(folder, layers=mllm.layers)
     except (OSError, KeyError, ValueError) as exc:
