@@ -23,6 +23,7 @@ from steering.sparse_coding import (
     sklearn_alpha,
 )
 from steering.train import (
+    TrainConfig,
     TrainResult,
     evaluate_sae,
     iterate_activation_files,
@@ -48,6 +49,7 @@ __all__ = [
     "DictionaryError",
     "ElasticNetSolver",
     "LowRankLstsq",
+    "TrainConfig",
     "TrainResult",
     "annotate",
     "dictionary_schema",
