@@ -15,8 +15,8 @@ carries what callers need: :attr:`Steerer.needs_dictionary`, :attr:`Steerer.fitt
 :meth:`Steerer.build` (from the common :class:`BuildOptions`) and
 :meth:`Steerer.before_generation` (per-item work). ``daco steer``, ``daco eval``,
 ``steering``'s exports and the benchmarks derive their method lists from
-:data:`STEERERS`, so adding a method touches its module, one import line in
-``__init__.py``, and its test.
+:data:`STEERERS`, and ``__init__.py`` imports every module of the package, so adding a
+method touches its module and its test.
 """
 
 from __future__ import annotations
