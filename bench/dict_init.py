@@ -34,7 +34,7 @@ sys.path.insert(0, str(BENCH.parent))
 from common import median, write_result
 
 from steering.sae import SAE
-from steering.train import evaluate_sae, train_sae
+from steering.train import TrainConfig, evaluate_sae, train_sae
 
 
 def planted(n: int, concepts: torch.Tensor, support: int, noise: float, gen: torch.Generator) -> torch.Tensor:
@@ -65,7 +65,7 @@ def one_round(args, seed: int) -> dict:
     out = {"seed": seed, "dictionary_cosine_to_truth": cos}
     for name in order:
         sae = builders[name]()
-        result = train_sae(sae, train, lr=args.lr, steps=args.steps, batch_size=args.batch_size, progress=False)
+        result = train_sae(sae, train, TrainConfig(lr=args.lr, batch_size=args.batch_size), steps=args.steps, progress=False)
         held = evaluate_sae(sae, held_out)
         out[name] = {"fvu": held["fvu"], "train_fvu": result.fvu, "dead_fraction": result.dead_fraction,
                      "activations_per_s": result.activations_per_s}

@@ -68,10 +68,10 @@ def planted_activations(n: int, d: int, n_features: int, support: int, seed: int
 OURS_CHILD = r"""
 import json, sys, time, torch
 from steering.sae import SAE
-from steering.train import train_sae
+from steering.train import TrainConfig, train_sae
 path, out, d_in, d_sae, k, lr, batch, steps, seed = sys.argv[1:10]
 sae = SAE.random(int(d_in), int(d_sae), k=int(k), seed=int(seed))
-result = train_sae(sae, path, lr=float(lr), batch_size=int(batch), steps=int(steps), progress=False)
+result = train_sae(sae, path, TrainConfig(lr=float(lr), batch_size=int(batch)), steps=int(steps), progress=False)
 sae.save(out)
 print(json.dumps({"activations_per_s": result.activations_per_s, "train_fvu": result.fvu,
                   "dead_fraction": result.dead_fraction, "steps": result.steps}))

@@ -63,8 +63,6 @@ PAPER_SHAPE = dict(hidden_size=3584, intermediate_size=18944, num_attention_head
                    vocab_size=152064)
 """Qwen2.5-VL-7B's language model (its config.json's text part); 28 layers, DACO steers 15-19."""
 PAPER_DEPTH, PAPER_STEERED = 28, 5
-DEFENCES = ("refusal", "mars", "iar", "ras")
-"""The published defences (docs/methods.md §4), timed with seeded random parameters (see defence_steerers)."""
 LAYERS = (15, 16, 17, 18, 19)
 MODEL_SIZE = dict(hidden_size=1024, intermediate_size=5376, num_hidden_layers=24, num_attention_heads=16,
                   num_key_value_heads=4)
@@ -146,7 +144,7 @@ def hook_costs(steerers, activations, reps: int, mop_reps: int) -> dict[str, dic
     flush them between steered layers in a real forward pass.
     """
     flush = torch.empty(16 * 2**20)  # 64 MB, twice the last-level cache
-    names = [name for name, steerer in steerers.items() if steerer is not None and name not in DEFENCES]
+    names = [name for name, steerer in steerers.items() if steerer is not None and not steerer.fitted]
     wall: dict[str, list[float]] = {name: [] for name in names}
     cpu: dict[str, list[float]] = {name: [] for name in names}
     n_rows = min(len(a) for a in activations.values())

@@ -165,12 +165,12 @@ class LayerTraining:
 
     def __init__(self, saes: dict, cfg: SAEConfig, device: str):
         from steering.token_activations import ShuffleBuffer
-        from steering.train import SAETrainer
+        from steering.train import SAETrainer, TrainConfig
 
         self.layers, self.cfg = sorted(saes), cfg
-        self.trainers = {layer: SAETrainer(saes[layer], lr=cfg.lr, batch_size=cfg.batch_size, k_aux=cfg.k_aux,
-                                           aux_coefficient=cfg.aux_coefficient, dead_window=cfg.dead_window,
-                                           log_every=cfg.log_every, device=device) for layer in self.layers}
+        train = TrainConfig(lr=cfg.lr, batch_size=cfg.batch_size, k_aux=cfg.k_aux, aux_coefficient=cfg.aux_coefficient,
+                            dead_window=cfg.dead_window, log_every=cfg.log_every)
+        self.trainers = {layer: SAETrainer(saes[layer], train, device=device) for layer in self.layers}
         d = saes[self.layers[0]].d_in
         self.buffer = ShuffleBuffer(cfg.shuffle_buffer, cfg.batch_size, (len(self.layers), d), seed=cfg.seed)
         self.scale: list[float] | None = None

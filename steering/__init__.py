@@ -23,21 +23,21 @@ from steering.sparse_coding import (
     sklearn_alpha,
 )
 from steering.train import (
+    TrainConfig,
     TrainResult,
     evaluate_sae,
     iterate_activation_files,
     train_sae,
 )
 
-# steerers live in steering.steerers (imported on first use: they pull in transformers)
-_LAZY = {name: "steering.steerers" for name in ("DacoSteerer", "MOPSteerer", "ActAddSteerer", "PromptingSteerer")}
-
 
 def __getattr__(name):
-    if name in _LAZY:
-        import importlib
+    """Everything ``steering.steerers`` exports (imported on first use: the steerers pull in transformers)."""
+    import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+    steerers = importlib.import_module("steering.steerers")
+    if name in steerers.__all__:
+        return getattr(steerers, name)
     raise AttributeError(f"module 'steering' has no attribute {name!r}")
 
 
@@ -49,6 +49,7 @@ __all__ = [
     "DictionaryError",
     "ElasticNetSolver",
     "LowRankLstsq",
+    "TrainConfig",
     "TrainResult",
     "annotate",
     "dictionary_schema",

@@ -27,6 +27,7 @@ The decoder uses ``torch.nn.functional.embedding_bag`` over the k active atoms
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 import warnings
 from collections.abc import Iterable, Iterator
@@ -244,19 +245,49 @@ def _resample_dead(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, recon:
     return int(idx.numel())
 
 
+@dataclasses.dataclass
+class TrainConfig:
+    """How an SAE is optimised (:class:`SAETrainer`, :func:`train_sae`); the loss is in the module docstring."""
+
+    lr: float = 1e-3
+    """Adam learning rate (the loss is scale-free)."""
+    batch_size: int = 4096
+    """Activations per optimiser step."""
+    dead_latent_remedy: str | None = None
+    """``"auxk"`` (TopK only), ``"resample"`` or ``"none"``; None: ``"auxk"`` for TopK, ``"resample"`` for ReLU."""
+    k_aux: int | None = None
+    """Dead latents AuxK reconstructs the residual with (None: ``d_in // 2``)."""
+    aux_coefficient: float = 1 / 32
+    """Weight of the AuxK loss (Gao et al.: 1/32)."""
+    dead_window: int | None = None
+    """Activations without firing after which a latent is dead (None: 20 batches)."""
+    resample_every: int = 500
+    """Steps between resamplings (remedy ``"resample"``)."""
+    normalise_decoder: bool = True
+    """Keep the decoder rows unit-norm."""
+    init_b_dec: bool = True
+    """Set ``b_dec`` to the mean of the first batch before training."""
+    window: int | None = None
+    """Batches over which the final fvu / l0 are averaged (None: the last 10% of :func:`train_sae`'s
+    ``steps``, at least 1; 10 when training by epochs or stepping an :class:`SAETrainer` directly)."""
+    log_every: int = 50
+    """Steps between history entries and progress-bar updates."""
+
+
 class SAETrainer:
     """One SAE's optimiser, dead-latent bookkeeping and running metrics, stepped one batch at a time.
 
     :func:`train_sae` drives one; ``daco train-sae`` drives one per layer from a shared
     token stream. :meth:`state_dict` / :meth:`load_state_dict` hold everything a step
     depends on (weights, Adam moments, firing counters, the metric window, the history),
-    so a run restored from a checkpoint continues bit for bit. Arguments as :func:`train_sae`.
+    so a run restored from a checkpoint continues bit for bit. ``device``: where to train
+    (default: the SAE's device).
     """
 
-    def __init__(self, sae: SAE, *, lr: float = 1e-3, batch_size: int = 4096, dead_latent_remedy: str | None = None,
-                 k_aux: int | None = None, aux_coefficient: float = 1 / 32, dead_window: int | None = None,
-                 resample_every: int = 500, normalise_decoder: bool = True, init_b_dec: bool = True,
-                 window: int = 10, log_every: int = 50, device: str | torch.device | None = None):
+    def __init__(self, sae: SAE, config: TrainConfig | None = None, device: str | torch.device | None = None):
+        config = config or TrainConfig()
+        lr, batch_size, k_aux, dead_window = config.lr, config.batch_size, config.k_aux, config.dead_window
+        normalise_decoder, dead_latent_remedy = config.normalise_decoder, config.dead_latent_remedy
         if dead_latent_remedy is None:
             dead_latent_remedy = "auxk" if sae.activation == "topk" else "resample"
         if dead_latent_remedy not in REMEDIES:
@@ -270,17 +301,17 @@ class SAETrainer:
         self.lr = lr
         self.remedy = dead_latent_remedy
         self.k_aux = k_aux or max(1, sae.d_in // 2)
-        self.aux_coefficient = aux_coefficient
+        self.aux_coefficient = config.aux_coefficient
         self.dead_window = dead_window or 20 * batch_size
-        self.resample_every = resample_every
+        self.resample_every = config.resample_every
         self.normalise_decoder = normalise_decoder
-        self.init_b_dec = init_b_dec
-        self.log_every = log_every
+        self.init_b_dec = config.init_b_dec
+        self.log_every = config.log_every
         self.opt = torch.optim.Adam(sae.parameters(), lr=lr)
         if normalise_decoder:
             _normalise_decoder(sae)
         self.since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=self.device)
-        self.recent: collections.deque = collections.deque(maxlen=max(1, window))
+        self.recent: collections.deque = collections.deque(maxlen=max(1, config.window or 10))
         self.history: list[dict] = []
         self.step = 0
         self.seen = 0
@@ -365,47 +396,29 @@ class SAETrainer:
         self.step, self.seen = int(state["step"]), int(state["seen"])
 
 
-def train_sae(sae: SAE, activations, *, lr: float = 1e-3, steps: int | None = None, epochs: int = 1,
-              batch_size: int = 4096, dead_latent_remedy: str | None = None, k_aux: int | None = None,
-              aux_coefficient: float = 1 / 32, dead_window: int | None = None, resample_every: int = 500,
-              normalise_decoder: bool = True, init_b_dec: bool = True, window: int | None = None,
-              log_every: int = 50, progress: bool = True, device: str | torch.device | None = None,
-              column: str | None = None) -> TrainResult:
+def train_sae(sae: SAE, activations, config: TrainConfig | None = None, *, steps: int | None = None, epochs: int = 1,
+              progress: bool = True, device: str | torch.device | None = None, column: str | None = None) -> TrainResult:
     """Train ``sae`` in place with Adam on ``activations``; see the module docstring for the loss.
 
     Args:
         activations: a [n, d] tensor/array, an iterable of [b, d] batches, or activation
             file(s)/folder(s) (see :func:`iterate_activation_files`).
-        lr: Adam learning rate (the loss is scale-free).
+        config: the optimisation settings (:class:`TrainConfig`; None: its defaults).
         steps: optimiser steps (passes repeat as needed); None: ``epochs`` passes.
-        batch_size: activations per step.
-        dead_latent_remedy: "auxk" (TopK only), "resample" or "none"; default "auxk" for
-            TopK and "resample" for ReLU.
-        k_aux: dead latents used by AuxK (default d_in // 2).
-        aux_coefficient: AuxK weight (Gao et al.: 1/32).
-        dead_window: activations without firing after which a latent is dead (default 20 batches).
-        resample_every: steps between resamplings (remedy "resample").
-        normalise_decoder: keep decoder rows unit-norm.
-        init_b_dec: set b_dec to the mean of the first batch before training.
-        window: batches over which the final fvu/l0 are averaged (default: the last 10% of
-            ``steps``, at least 1; 10 when training by epochs).
-        log_every: steps between history entries and progress-bar updates.
         progress: show a tqdm progress bar.
         device: where to train (default: the SAE's device).
         column: parquet column holding activations, when files are given.
     """
+    config = config or TrainConfig()
     if steps is None and epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if steps is not None and steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    trainer = SAETrainer(sae, lr=lr, batch_size=batch_size, dead_latent_remedy=dead_latent_remedy, k_aux=k_aux,
-                         aux_coefficient=aux_coefficient, dead_window=dead_window, resample_every=resample_every,
-                         normalise_decoder=normalise_decoder, init_b_dec=init_b_dec,
-                         window=window if window else (max(1, steps // 10) if steps else 10),
-                         log_every=log_every, device=device)
+    window = config.window or (max(1, steps // 10) if steps else 10)
+    trainer = SAETrainer(sae, dataclasses.replace(config, window=window), device=device)
     bar = tqdm(total=steps, disable=not progress, desc="train_sae", unit="step", leave=False)
     t0 = time.perf_counter()
-    for epoch, batches in enumerate(_epochs(activations, batch_size, column)):
+    for epoch, batches in enumerate(_epochs(activations, config.batch_size, column)):
         if steps is None and epoch >= epochs:
             break
         got_any = False

@@ -275,8 +275,7 @@ def test_mars_gate_and_trust_region(mars):
 
 
 def test_mars_recentres_exactly_the_items_with_an_image_in_steer_and_eval(tiny_vl, mars):
-    from pipeline.commands import steer
-    from steering.eval.run import generate
+    from steering.generation import generate  # what daco steer and daco eval both call
 
     model, processor = tiny_vl
     fresh = lambda: MARSSteerer(model, mars.unit, mars.layer, mars.offset, mars.safe_centroid,  # noqa: E731
@@ -290,13 +289,8 @@ def test_mars_recentres_exactly_the_items_with_an_image_in_steer_and_eval(tiny_v
     image = neutral_images(1, seed=2)[0]
     for shown, expected in ((None, [False]), (image, [True])):
         steerer = fresh()
-        generate(model, processor, "how do I pick a lock?", shown, steerer, max_new_tokens=1)  # daco eval's call
+        generate(model, processor, "how do I pick a lock?", shown, steerer, max_new_tokens=1)
         assert steerer.with_image.tolist() == expected
-        steerer = fresh()
-        args = type("Args", (), {"prompt": "how do I pick a lock?", "image": None, "method": "mars"})()
-        with steerer:
-            steer._before_generation(steerer, processor, args)  # daco steer's call (a text-only prompt)
-        assert steerer.with_image.tolist() == [False]
     inputs = get_adapter(model).build_inputs(processor, [None], ["hi"])
     inputs = {k: v for k, v in inputs.items() if k != "caption_mask"}
     with fresh(), pytest.raises(RuntimeError, match="before_generation"):  # never a silent guess

@@ -16,7 +16,7 @@ import torch
 from steering.annotate import annotate
 from steering.dictionary import load_dictionary, write_dictionary_parquet
 from steering.sae import SAE
-from steering.train import evaluate_sae, iterate_activation_files, train_sae
+from steering.train import TrainConfig, evaluate_sae, iterate_activation_files, train_sae
 
 ROOT = Path(__file__).resolve().parents[1]
 SAELENS_PYTHON = ROOT / "bench" / ".venvs" / "saelens" / "bin" / "python"
@@ -108,7 +108,7 @@ def test_train_reduces_fvu_and_reports_l0_and_dead_fraction():
     _, X = planted_activations(D, 4096, support=3, seed=1, noise=0.02)
     sae = SAE.random(32, 48, k=3, seed=0)
     before = evaluate_sae(sae, X)["fvu"]
-    result = train_sae(sae, X, lr=3e-3, steps=80, batch_size=256, progress=False, log_every=40)
+    result = train_sae(sae, X, TrainConfig(lr=3e-3, batch_size=256, log_every=40), steps=80, progress=False)
     after = evaluate_sae(sae, X)
     assert result.steps == 80 and len(result.history) == 2
     assert after["fvu"] < 0.5 * before and result.fvu < 0.5
@@ -125,8 +125,8 @@ def test_auxk_revives_dead_latents():
         sae = SAE.random(32, 64, k=2, seed=5)
         with torch.no_grad():  # push half of the latents far below the others: dead from the start
             sae.b_enc[32:] = -1.0
-        results[remedy] = train_sae(sae, X, lr=3e-3, steps=60, batch_size=256, progress=False,
-                                    dead_latent_remedy=remedy, dead_window=512, aux_coefficient=1.0)
+        config = TrainConfig(lr=3e-3, batch_size=256, dead_latent_remedy=remedy, dead_window=512, aux_coefficient=1.0)
+        results[remedy] = train_sae(sae, X, config, steps=60, progress=False)
     assert results["none"].dead_fraction >= 0.5
     assert results["auxk"].dead_fraction < results["none"].dead_fraction
 
@@ -143,10 +143,10 @@ def test_relu_training_with_resampling_and_files(tmp_path):
     torch.testing.assert_close(torch.cat(batches), X)
     sae = SAE.random(16, 16, activation="relu", l1_coefficient=1e-3, seed=1)
     before = evaluate_sae(sae, tmp_path)["fvu"]
-    result = train_sae(sae, tmp_path, lr=3e-3, epochs=10, batch_size=256, progress=False, resample_every=20)
+    result = train_sae(sae, tmp_path, TrainConfig(lr=3e-3, batch_size=256, resample_every=20), epochs=10, progress=False)
     assert result.steps == 40 and evaluate_sae(sae, X)["fvu"] < before
     with pytest.raises(ValueError, match="auxk"):
-        train_sae(sae, X, steps=1, dead_latent_remedy="auxk")
+        train_sae(sae, X, TrainConfig(dead_latent_remedy="auxk"), steps=1)
     with pytest.raises(FileNotFoundError, match="nowhere"):
         train_sae(sae, tmp_path / "nowhere", steps=1)
 
@@ -155,7 +155,7 @@ def test_one_shot_iterator_runs_out_with_a_warning():
     sae = SAE.random(8, 8, k=2)
     batches = (torch.randn(16, 8) for _ in range(3))
     with pytest.warns(UserWarning, match="ran out after 3 of 5 steps"):
-        result = train_sae(sae, batches, steps=5, batch_size=16, progress=False)
+        result = train_sae(sae, batches, TrainConfig(batch_size=16), steps=5, progress=False)
     assert result.steps == 3
     with pytest.raises(ValueError, match="d_in=8"):
         train_sae(sae, [torch.randn(4, 6)], steps=1, progress=False)

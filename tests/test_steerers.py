@@ -384,7 +384,8 @@ def write_dictionary_folder(root, d=64, layers=LAYERS, seed=0):
 def test_one_strength_unit_for_actadd_mop_and_daco(tmp_path, tiny):
     """gamma in units of the layer's mean activation norm: each method pushes the desirable concept equally."""
     from steering.dictionary import load_dictionary
-    from steering.steerers.from_dictionary import dictionary_steerer, mean_activation_norms
+    from steering.steerers import BuildOptions, get_steerer
+    from steering.steerers.from_dictionary import mean_activation_norms
 
     model, tokenizer = tiny
     dictionary = load_dictionary(str(write_dictionary_folder(tmp_path / "out")), layers=LAYERS)
@@ -400,7 +401,7 @@ def test_one_strength_unit_for_actadd_mop_and_daco(tmp_path, tiny):
     hug = dictionary.desirable()[0]
     z = torch.zeros(1, 64)  # no concept present: only the desirable push remains (actadd also subtracts K-)
     for method in ("actadd", "mop", "daco"):
-        steerer = dictionary_steerer(method, model, dictionary, LAYERS, gamma=0.3, norms=norms)
+        steerer = get_steerer(method).build(BuildOptions(model, tokenizer, LAYERS, dictionary, gamma=0.3, norms=norms))
         for layer in LAYERS:
             unit = dictionary.directions(layer, unit=True)
             delta = steerer.delta(layer, z)[0]
@@ -435,3 +436,75 @@ def test_daco_steer_command_rejects_bad_options_early(tmp_path):
         image.write_bytes(b"not read before the check")
         daco(["steer", "--untrained-family", "qwen2", "--dictionary", str(folder), "--prompt", "hi", "--layers", "1-2",
               "--image", str(image), "--untrained-sae"])
+
+
+# ------------------------------------------------------------------ the registry is the one list of methods
+
+
+def test_every_steerer_is_exported_from_steering_and_buildable():
+    import inspect
+
+    import steering
+    import steering.steerers as steerers
+
+    assert {cls.__name__ for cls in STEERERS.values()} <= set(steerers.__all__)  # found without a line per method
+    for name in steerers.__all__:
+        assert getattr(steering, name) is getattr(steerers, name), name
+    for method, cls in STEERERS.items():
+        assert not inspect.isabstract(cls), f"{method} does not implement build"
+        assert not (cls.fitted and cls.needs_dictionary), method
+    assert {m for m, c in STEERERS.items() if c.needs_dictionary} == {"actadd", "mop", "daco"}
+    assert {m for m, c in STEERERS.items() if c.fitted} == {"refusal", "mars", "iar", "ras"}
+    with pytest.raises(AttributeError, match="no attribute 'NoSuchSteerer'"):
+        steering.NoSuchSteerer  # noqa: B018
+
+
+@pytest.mark.parametrize("needs_dictionary", [False, True])
+def test_a_new_method_reaches_steer_and_eval_through_its_registration_alone(tmp_path, capsys, needs_dictionary):
+    """Adding a method is its module (here: a class registered in the test); steer and eval derive the rest."""
+    from pipeline.cli import main as daco
+    from steering.eval.run import EvalError, available_methods, check_methods
+    from steering.steerers import BuildOptions, Steerer, register
+
+    @register("halve")
+    class Halve(Steerer):
+        """Halves the steered layers' activations (a test method)."""
+
+        def delta(self, layer, z):
+            return -0.5 * z
+
+        @classmethod
+        def build(cls, options: BuildOptions):
+            return cls(options.model, options.layers)
+
+    Halve.needs_dictionary = needs_dictionary
+    try:
+        assert "halve" in available_methods()
+        folder = write_dictionary_folder(tmp_path / "out")
+        run = ["steer", "--untrained-family", "qwen2", "--prompt", "a dog", "--method", "halve", "--layers", "1-2",
+               "--max-new-tokens", "3"]
+        if needs_dictionary:
+            with pytest.raises(EvalError, match=r"\['halve'\] steer with the concept dictionary"):
+                check_methods(["none", "halve"], None)
+            with pytest.raises(SystemExit, match="--method halve needs --dictionary"):
+                daco(run)
+            run += ["--dictionary", str(folder)]
+        else:
+            assert check_methods(["none", "halve"], None) == ["none", "halve"]
+        assert daco(run) == 0
+        out = capsys.readouterr().out
+        assert "steered (halve)" in out and ("strength unit" in out) == needs_dictionary
+    finally:
+        del STEERERS["halve"]
+
+
+def test_prompting_needs_no_dictionary_in_steer_as_in_eval(capsys):
+    from pipeline.cli import main as daco
+    from steering.eval.run import check_methods
+
+    assert check_methods(["prompting"], None) == ["prompting"]
+    assert daco(["steer", "--untrained-family", "qwen2", "--prompt", "a dog", "--method", "prompting",
+                 "--max-new-tokens", "3"]) == 0
+    assert "method: prompting (no dictionary)" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="unknown steering method 'promting'"):
+        daco(["steer", "--untrained-family", "qwen2", "--prompt", "a dog", "--method", "promting"])

@@ -14,7 +14,7 @@ from PIL import Image
 from steering.models import get_adapter, model_inputs
 from steering.sae import SAE
 from steering.token_activations import ShuffleBuffer, TokenCapture, select_tokens
-from steering.train import SAETrainer, evaluate_sae
+from steering.train import SAETrainer, TrainConfig, evaluate_sae
 
 
 # --------------------------------------------------------------------------- capture
@@ -96,7 +96,7 @@ def planted_training(init: str, steps: int = 600, d: int = 64, n_concepts: int =
     sae = SAE.from_dictionary(D, k=3, n_extra=2 * n_extra_features, seed=1) if init == "dictionary" \
         else SAE.random(d, width, k=3, seed=1)
     initial = sae.W_dec.detach().clone()
-    trainer = SAETrainer(sae, lr=1e-3, batch_size=256, k_aux=16, log_every=10**9)
+    trainer = SAETrainer(sae, TrainConfig(lr=1e-3, batch_size=256, k_aux=16, log_every=10**9))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small matrices: one thread is faster, and much faster on a busy machine
     try:

@@ -2,9 +2,6 @@
 
 HELP = "Generate from a prompt (and image) with and without steering, and print the two side by side."
 
-METHODS = ("daco", "mop", "actadd", "prompting")
-DEFENCES = ("refusal", "mars", "iar", "ras")
-"""Published defences fitted on contrastive sets (docs/methods.md §4), not on the dictionary."""
 
 
 def add_arguments(parser):
@@ -14,10 +11,13 @@ def add_arguments(parser):
                         help="instead of --model, build a tiny randomly initialised model of this family offline "
                              "(qwen2_vl, qwen2_5_vl, llava, llava_next, internvl, qwen2, llama); its outputs are meaningless")
     parser.add_argument("--dictionary", default=None,
-                        help="dictionary output folder or Hub dataset repo id (required for daco, mop, actadd, prompting)")
+                        help="dictionary output folder or Hub dataset repo id (required by the methods that steer with "
+                             "it: daco, mop, actadd)")
     parser.add_argument("--prompt", required=True, help="the user's text")
     parser.add_argument("--image", default=None, help="an image file to send with the prompt (multimodal models)")
-    parser.add_argument("--method", choices=METHODS + DEFENCES, default="daco", help="steering method (default: daco)")
+    parser.add_argument("--method", default="daco",
+                        help="a registered steering method (steering.steerers.STEERERS: daco, mop, actadd, prompting, "
+                             "and the defences refusal, mars, iar, ras); default daco")
     parser.add_argument("--layers", default="15-19", help="decoder layers to steer, e.g. 15-19 or 3,5,8-9 (default: 15-19)")
     parser.add_argument("--gamma", type=float, default=0.1,
                         help="strength of daco, mop and actadd in one unit: the mean activation norm at each steered "
@@ -70,17 +70,21 @@ def run(args, beam_args):
     if args.max_new_tokens < 1:
         raise SystemExit("daco steer: --max-new-tokens must be at least 1")
 
+    from steering.contrastive import open_image
     from steering.dictionary import load_dictionary
-    from steering.steerers import parse_layers
+    from steering.generation import UNTRAINED_PREFIX, generate, load_model
+    from steering.steerers import get_steerer, parse_layers
 
+    try:
+        cls = get_steerer(args.method)
+    except ValueError as exc:
+        raise SystemExit(f"daco steer: --method: {exc}") from None
     try:
         layers = parse_layers(args.layers)
     except ValueError as exc:
         raise SystemExit(f"daco steer: --layers: {exc}") from None
-    defence = args.method in DEFENCES
-    if defence:
-        sets = _defence_sets(args)
-    elif args.dictionary is None:
+    sets = _defence_sets(args) if cls.fitted else None
+    if cls.needs_dictionary and args.dictionary is None:
         raise SystemExit(f"daco steer: --method {args.method} needs --dictionary (a dictionary output folder)")
     if args.method == "daco" and bool(args.sae) == args.untrained_sae:
         raise SystemExit("daco steer: --method daco steers with a trained SAE: pass --sae DIR (from `daco train-sae`), "
@@ -89,31 +93,39 @@ def run(args, beam_args):
         dictionary = load_dictionary(args.dictionary, layers=layers) if args.dictionary else None
     except (OSError, KeyError, ValueError) as exc:
         raise SystemExit(f"daco steer: --dictionary {args.dictionary}: {exc}") from None
-    model, processor, name = _load_model(args, dictionary.d if dictionary else None, layers)
-    steerer = (_build_defence(args, model, processor, layers, sets) if defence
-               else _build_steerer(args, model, processor, dictionary, layers))
+    spec = args.model or UNTRAINED_PREFIX + args.untrained_family
+    try:
+        model, processor, _, name = load_model(spec, dictionary.d if dictionary else None, layers, args.seed,
+                                               args.device, images=args.image is not None)
+    except ValueError as exc:
+        raise SystemExit(f"daco steer: {exc}") from None
+    steerer = (_load_or_fit_defence(cls, args, model, processor, layers, sets) if cls.fitted
+               else _build_steerer(cls, args, model, processor, dictionary, layers))
     untrained = bool(getattr(model.config, "untrained", False))
 
-    messages = _conversation(args)
-    unsteered = _generate(model, processor, messages, args)
-    with steerer:
-        _before_generation(steerer, processor, args)
-        steered = _generate(model, processor, steerer.edit_messages(messages), args)
+    image = open_image(args.image)
+    unsteered = generate(model, processor, args.prompt, image, None, args.max_new_tokens, args.seed).text
+    result = generate(model, processor, args.prompt, image, steerer, args.max_new_tokens, args.seed)
+    for detail in result.details or ():
+        print(f"{args.method}: {steerer.describe(detail)}")
+    steered = result.text
 
     print(f"model: {name}" + ("  [UNTRAINED: random weights, the text is meaningless]" if untrained else ""))
     if getattr(steerer, "attack", False):
         print("ATTACK: refusal-direction ablation (Arditi et al.'s jailbreak) removes refusal; it is not a defence")
-    if defence:
+    if cls.fitted:
         print(f"{'attack' if getattr(steerer, 'attack', False) else 'defence'}: {args.method}; "
               f"steered layers: {list(steerer.layers)}"
               + (f"; loaded from {args.steerer}" if args.steerer else "; fitted on the contrastive sets")
               + (f"; saved to {args.save_steerer}" if args.save_steerer else ""))
+    elif dictionary is None:
+        print(f"method: {args.method} (no dictionary)")
     else:
         print(f"dictionary: {args.dictionary} ({len(dictionary)} concepts, d={dictionary.d}); "
               f"method: {args.method}; layers: {list(layers)}; gamma: {args.gamma}"
               + (f"; SAE: {'trained, ' + args.sae if args.sae else 'untrained dictionary-initialised'}"
                  if args.method == "daco" else ""))
-        if args.method != "prompting":
+        if cls.needs_dictionary:
             from steering.steerers.from_dictionary import STRENGTH_UNIT
 
             print(f"strength unit: {STRENGTH_UNIT}")
@@ -127,47 +139,13 @@ def run(args, beam_args):
     return 0
 
 
-def _load_model(args, d, layers):
-    """(model, processor, display name): the pretrained model, or an untrained one sized to the dictionary."""
-    from steering.models import get_adapter
-
-    if args.untrained_family:
-        try:
-            adapter = get_adapter(args.untrained_family)
-        except ValueError as exc:
-            raise SystemExit(f"daco steer: --untrained-family: {exc}") from None
-        _check_image(adapter, args)
-        size = {"num_hidden_layers": max(layers) + 1} | ({"hidden_size": d} if d is not None else {})
-        model, processor = adapter.build_untrained(seed=args.seed, **size)
-        hidden_size = model.get_input_embeddings().weight.shape[1]
-        name = f"untrained {adapter.family} (seed {args.seed}, hidden {hidden_size}, {max(layers) + 1} layers)"
-    else:
-        from transformers import AutoConfig
-
-        adapter = get_adapter(AutoConfig.from_pretrained(args.model))
-        _check_image(adapter, args)
-        model, processor = adapter.load(args.model, device=args.device)
-        name = args.model
-    hidden = model.get_input_embeddings().weight.shape[1]
-    if d is not None and hidden != d:
-        raise SystemExit(f"daco steer: the dictionary {args.dictionary} has d={d} but {name} has hidden size {hidden}; "
-                         "use the dictionary built from this model")
-    adapter.check_layers(model, list(layers))
-    return model.to(args.device).eval(), processor, name
-
-
-def _check_image(adapter, args):
-    """Refuse --image for a text-only family before its model is built."""
-    if args.image and not adapter.takes_images:
-        raise SystemExit(f"daco steer: {adapter.family} is a text-only model family; drop --image")
-
-
-def _build_steerer(args, model, processor, dictionary, layers):
-    from steering.steerers.from_dictionary import dictionary_steerer
+def _build_steerer(cls, args, model, processor, dictionary, layers):
+    """A method built from the dictionary and the common options (gamma in the shared unit)."""
+    from steering.steerers import BuildOptions
 
     try:
-        return dictionary_steerer(args.method, model, dictionary, layers, gamma=args.gamma, sae_dir=args.sae,
-                                  k=args.k, eta=args.eta, processor=processor)
+        return cls.build(BuildOptions(model, processor, layers, dictionary, gamma=args.gamma, sae_dir=args.sae,
+                                      k=args.k, eta=args.eta))
     except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"daco steer: {exc}") from None
 
@@ -186,71 +164,27 @@ def _defence_sets(args):
         raise SystemExit(f"daco steer: {exc}") from None
 
 
-def _build_defence(args, model, processor, layers, sets):
-    """The defence loaded from --steerer, or fitted on the contrastive sets (then saved to --save-steerer)."""
-    from steering.steerers import get_steerer
+def _fit_options(args, layers) -> dict:
+    """The command's options for each defence's ``fit`` (--layers are MARS's and IAR's candidate layers)."""
+    return {"refusal": {"mode": args.refusal_mode, "induce_threshold": args.refusal_induce_threshold},
+            "mars": {"layers": layers, "strength": args.strength},
+            "iar": {"level": args.iar_level, "direction": args.iar_direction, "layers": layers, "k": args.iar_k,
+                    "alpha": args.alpha}}.get(args.method, {})
 
-    cls = get_steerer(args.method)
+
+def _load_or_fit_defence(cls, args, model, processor, layers, sets):
+    """The defence loaded from --steerer, or fitted on the contrastive sets (then saved to --save-steerer)."""
+    from steering.steerers import BuildOptions
+
     if args.steerer is not None:
         try:
-            steerer = cls.load(args.steerer, model)
+            return cls.load(args.steerer, model)
         except (OSError, ValueError) as exc:
             raise SystemExit(f"daco steer: --steerer {args.steerer}: {exc}") from None
-    else:
-        steerer = _fit_defence(cls, args, model, processor, layers, sets)
-    return steerer
-
-
-def _fit_defence(cls, args, model, processor, layers, sets):
-    """Fit the defence ``cls`` with the command's options (--layers are MARS's and IAR's candidate layers)."""
     try:
-        if args.method == "refusal":
-            steerer = cls.fit(model, processor, sets.harmful, sets.harmless, mode=args.refusal_mode,
-                              induce_threshold=args.refusal_induce_threshold)
-        elif args.method == "mars":
-            steerer = cls.fit(model, processor, sets.harmful, sets.harmless, layers=layers, strength=args.strength)
-        elif args.method == "iar":
-            steerer = cls.fit(model, processor, sets.harmful, sets.refusal, sets.compliant, level=args.iar_level,
-                              direction=args.iar_direction, layers=layers, k=args.iar_k, alpha=args.alpha)
-        else:
-            steerer = cls.fit(model, processor, sets.harmful, sets.harmless)
+        steerer = cls.build(BuildOptions(model, processor, layers, sets=sets, fit=_fit_options(args, layers)))
     except ValueError as exc:
         raise SystemExit(f"daco steer: fitting {args.method}: {exc}") from None
     if args.save_steerer:
         steerer.save(args.save_steerer)
     return steerer
-
-
-def _before_generation(steerer, processor, args):
-    """The steerer's per-item step (the same call as ``daco eval``'s); RAS's risk is printed."""
-    from steering.contrastive import open_image
-
-    details = steerer.before_generation(processor, [args.prompt], [open_image(args.image)])
-    if args.method == "ras":
-        (result,) = details
-        print(f"ras: risk {result['risk']:.4f} (score {result['score']:.4f}, S_base {steerer.s_base:.4f})"
-              + (f"; context: {result['context']}" if result["context"] else ""))
-
-
-def _conversation(args):
-    content = ([{"type": "image"}] if args.image else []) + [{"type": "text", "text": args.prompt}]
-    return [{"role": "user", "content": content}]
-
-
-def _generate(model, processor, messages, args):
-    """Greedy continuation of the chat ``messages`` (text only, special tokens removed)."""
-    import torch
-
-    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    if args.image:
-        from PIL import Image
-
-        with Image.open(args.image) as img:
-            inputs = processor(text=[text], images=[img.convert("RGB")], return_tensors="pt")
-    else:
-        inputs = processor(text=[text], return_tensors="pt")
-    inputs = {k: v.to(args.device) for k, v in inputs.items()}
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-    tokenizer = getattr(processor, "tokenizer", processor)
-    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()

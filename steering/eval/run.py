@@ -9,12 +9,14 @@ is dropped and redone), so an interrupted run resumes without redoing finished i
 ``<out>/run.json`` records the settings that make results comparable (model, seed,
 max_new_tokens, judge, steering settings); a rerun with different ones is refused.
 
-Methods: ``none`` (no steering), ``prompting``, the dictionary methods ``actadd``, ``mop``,
-``daco`` (``--dictionary``; daco with ``--sae`` or dictionary-initialised SAEs; one strength
-unit for all three, :data:`steering.steerers.from_dictionary.STRENGTH_UNIT`, stated in the
-table), the fitted defences ``refusal`` (addition), ``mars``, ``iar`` (head level, top-K
-heads), ``ras`` (loaded from ``--steerers DIR/<method>/``, else fitted once on the shipped
-contrastive sets and saved under ``<out>/steerers/``), and the ATTACK ``refusal_ablation``
+Methods: ``none`` (no steering), every registered steerer
+(:data:`steering.steerers.STEERERS`), and the ATTACK ``refusal_ablation``. A steerer whose
+``needs_dictionary`` is true (``actadd``, ``mop``, ``daco``) needs ``--dictionary`` (daco with
+``--sae`` or dictionary-initialised SAEs; one strength unit for all three,
+:data:`steering.steerers.from_dictionary.STRENGTH_UNIT`, stated in the table); one whose
+``fitted`` is true (``refusal`` (addition), ``mars``, ``iar``, ``ras``) is loaded from
+``--steerers DIR/<method>/``, else fitted once on the shipped contrastive sets with the
+method's defaults and saved under ``<out>/steerers/``; the ATTACK ``refusal_ablation``
 (Arditi et al.'s jailbreak with the ``refusal`` direction; labelled as an attack in every
 output). See docs/defences.md.
 
@@ -35,23 +37,16 @@ import json
 import os
 import re
 import sys
-import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 from steering.eval.benchmarks import BENIGN, HARMFUL, LETTERS, BenchmarkItem, load_benchmark
 from steering.eval.judges import is_refusal
-from steering.steerers.from_dictionary import DICTIONARY_STEERERS
+from steering.generation import generate, load_model
 
-UNTRAINED_PREFIX = "untrained:"
 BASELINE = "none"
-DICTIONARY_METHODS = ("actadd", "mop", "daco")
-"""Methods built from the concept dictionary (``--dictionary`` required)."""
-FITTED_METHODS = ("refusal", "mars", "iar", "ras")
-"""Defences fitted on contrastive prompt sets (loaded from ``--steerers`` or fitted once per ``--out``)."""
 ATTACK_METHODS = ("refusal_ablation",)
 """Methods that REMOVE refusal (jailbreaks), run to measure an attack; labelled ATTACK in the table and plot."""
 RESULTS_FILE, RUN_FILE, METRICS_FILE, TABLE_FILE, PLOT_FILE = (
@@ -112,10 +107,17 @@ class EvalError(ValueError):
 
 
 def available_methods() -> list[str]:
-    """``none`` plus every registered steerer that eval can build."""
+    """``none``, every registered steerer, and the attacks."""
     from steering.steerers import STEERERS
 
-    return [BASELINE] + sorted(name for name in STEERERS if name in STEERER_BUILDERS) + list(ATTACK_METHODS)
+    return [BASELINE] + sorted(STEERERS) + list(ATTACK_METHODS)
+
+
+def needs_dictionary(methods: Sequence[str]) -> list[str]:
+    """The methods among ``methods`` that steer with the concept dictionary (by the registry)."""
+    from steering.steerers import STEERERS
+
+    return [m for m in methods if m in STEERERS and STEERERS[m].needs_dictionary]
 
 
 def check_methods(methods: Sequence[str], dictionary: str | None) -> list[str]:
@@ -126,15 +128,8 @@ def check_methods(methods: Sequence[str], dictionary: str | None) -> list[str]:
         raise EvalError(f"no methods given; available: {', '.join(available)}")
     unknown = [m for m in methods if m not in available]
     if unknown:
-        from steering.steerers import STEERERS
-
-        unbuilt = [m for m in unknown if m in STEERERS]
-        planned = [m for m in unknown if m in FITTED_METHODS and m not in STEERERS]
-        note = f" ({', '.join(planned)}: not implemented yet)" if planned else ""
-        if unbuilt:
-            note += f" ({', '.join(unbuilt)}: registered steerers without an eval builder in STEERER_BUILDERS)"
-        raise EvalError(f"method(s) {unknown} not available{note}; available: {', '.join(available)}")
-    needing = [m for m in methods if m in DICTIONARY_METHODS]
+        raise EvalError(f"method(s) {unknown} not available; available: {', '.join(available)}")
+    needing = needs_dictionary(methods)
     if needing and not dictionary:
         raise EvalError(f"method(s) {needing} steer with the concept dictionary: pass --dictionary PATH")
     return methods
@@ -152,118 +147,44 @@ def _daco_sae(config: EvalConfig) -> str:
                     "for each layer's dictionary-initialised SAE without training")
 
 
-def _build_from_dictionary(method: str, model, processor, dictionary, layers, config, norms):
-    """A dictionary method's steerer (DACO's SAEs from ``config.sae`` when given), gamma in the shared unit."""
-    from steering.steerers.from_dictionary import dictionary_steerer
+def build_steerer(method: str, model, processor, dictionary, layers, config: EvalConfig, norms):
+    """The steerer of ``method``: a fitted defence saved or fitted once per ``out``, the ATTACK, or
+    :meth:`~steering.steerers.Steerer.build` from the common options (``norms``: the steered layers'
+    mean activation norms, gamma's unit; None without a dictionary method)."""
+    from steering.steerers import BuildOptions, RefusalDirectionSteerer, get_steerer
 
+    if method == "refusal_ablation":  # the refusal direction (saved or fitted, as that method's) ablated everywhere
+        defence = build_steerer("refusal", model, processor, dictionary, layers, config, norms)
+        return RefusalDirectionSteerer(model, defence.direction, defence.layer, "ablation", position=defence.position,
+                                       report=defence.report)
+    cls = get_steerer(method)
+    if cls.fitted:
+        return _load_or_fit(cls, model, processor, config)
     try:
-        return dictionary_steerer(method, model, dictionary, layers, gamma=config.gamma, norms=norms, sae_dir=config.sae)
+        return cls.build(BuildOptions(model, processor, layers, dictionary, gamma=config.gamma, norms=norms,
+                                      sae_dir=config.sae))
     except (FileNotFoundError, ValueError) as exc:
         raise EvalError(str(exc)) from None
 
 
-def _fit_options(method: str, config) -> dict:
-    """What eval passes to a defence's ``fit`` beyond the model (every other setting: the method's own default)."""
-    return {"induce_threshold": config.refusal_induce_threshold} if method == "refusal" else {}
+def _load_or_fit(cls, model, processor, config: EvalConfig):
+    """A fitted defence: ``<config.steerers>/<method>/`` or ``<out>/steerers/<method>/`` if saved, else fitted
+    on the shipped sets (every option the method's default but ``refusal_induce_threshold``) and saved there."""
+    from steering.steerers import BuildOptions
 
-
-def _build_attack(method: str, model, processor, dictionary, layers, config, norms):
-    """``refusal_ablation``: the ``refusal`` direction (saved or fitted, as that method's) ablated at every layer."""
-    from steering.steerers import RefusalDirectionSteerer
-
-    defence = _build_fitted("refusal", model, processor, dictionary, layers, config, norms)
-    return RefusalDirectionSteerer(model, defence.direction, defence.layer, "ablation", position=defence.position,
-                                   report=defence.report)
-
-
-def _build_fitted(method: str, model, processor, dictionary, layers, config, norms):
-    """A fitted defence: ``<config.steerers>/<method>/`` or ``<out>/steerers/<method>/`` if saved, else fitted and saved there."""
-    from steering.steerers import get_steerer
-
-    cls = get_steerer(method)
+    method = cls.name
     saved = [Path(folder) / method for folder in (config.steerers, Path(config.out) / "steerers") if folder]
     for folder in saved:
         if folder.is_dir():
             return cls.load(folder, model)
     print(f"eval: fitting {method} on the shipped contrastive sets; saving it to {saved[-1]}", file=sys.stderr, flush=True)
+    fit = {"induce_threshold": config.refusal_induce_threshold} if method == "refusal" else {}
     try:
-        steerer = cls.fit(model, processor, **_fit_options(method, config))
+        steerer = cls.build(BuildOptions(model, processor, fit=fit))
     except ValueError as exc:
         raise EvalError(f"fitting {method}: {exc}") from None
     steerer.save(saved[-1])
     return steerer
-
-
-STEERER_BUILDERS: dict[str, Callable] = {
-    **{method: partial(_build_from_dictionary, method) for method in DICTIONARY_STEERERS},
-    **{method: partial(_build_fitted, method) for method in FITTED_METHODS},
-    "refusal_ablation": partial(_build_attack, "refusal_ablation"),
-}
-"""Method name -> ``builder(model, processor, dictionary, layers, config, norms)`` returning its steerer
-(``norms``: the steered layers' mean activation norms, the unit of ``gamma``; None without a dictionary method)."""
-
-
-# ------------------------------------------------------------------ model and generation
-
-
-def load_model(spec: str, dictionary=None, layers: Sequence[int] = (), seed: int = 0, device: str = "cpu"):
-    """``(model, processor, adapter)``: pretrained by id, or ``untrained:FAMILY`` sized to the dictionary and layers."""
-    from steering.models import get_adapter
-
-    if spec.startswith(UNTRAINED_PREFIX):
-        try:
-            adapter = get_adapter(spec[len(UNTRAINED_PREFIX):])
-        except ValueError as exc:
-            raise EvalError(f"model {spec}: {exc}") from None
-        size = {}
-        if dictionary is not None:
-            size["hidden_size"] = dictionary.d
-        if layers:
-            size["num_hidden_layers"] = max(layers) + 1
-        model, processor = adapter.build_untrained(seed=seed, **size)
-    else:
-        from transformers import AutoConfig
-
-        adapter = get_adapter(AutoConfig.from_pretrained(spec))
-        model, processor = adapter.load(spec, device=device)
-    if dictionary is not None:
-        hidden = model.get_input_embeddings().weight.shape[1]
-        if hidden != dictionary.d:
-            raise EvalError(f"the dictionary has d={dictionary.d} but {spec} has hidden size {hidden}; "
-                            "use the dictionary built from this model")
-    if layers:
-        adapter.check_layers(model, list(layers))
-    return model.to(device).eval(), processor, adapter
-
-
-def generate(model, processor, prompt: str, image, steerer=None, max_new_tokens: int = 64, seed: int = 0) -> tuple[str, int, float]:
-    """Greedy response to one (image, prompt): ``(text, generated tokens, seconds)``, steered inside ``steerer``.
-
-    The steerer's per-item step (:meth:`~steering.steerers.Steerer.before_generation`: RAS's
-    risk, MARS's re-centering rule) runs inside the timed region.
-    """
-    import contextlib
-
-    import torch
-
-    content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": prompt}]
-    messages = [{"role": "user", "content": content}]
-    if steerer is not None:
-        messages = steerer.edit_messages(messages)
-    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    kwargs = {"images": [image]} if image is not None else {}
-    device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in processor(text=[text], return_tensors="pt", **kwargs).items()}
-    torch.manual_seed(seed)
-    start = time.perf_counter()
-    with torch.no_grad(), (steerer if steerer is not None else contextlib.nullcontext()):
-        if steerer is not None:
-            steerer.before_generation(processor, [prompt], [image])
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    seconds = time.perf_counter() - start
-    new = out[0, inputs["input_ids"].shape[1]:]
-    tokenizer = getattr(processor, "tokenizer", processor)
-    return tokenizer.decode(new, skip_special_tokens=True).strip(), int(new.numel()), seconds
 
 
 _CHOICE_PATTERNS = (
@@ -379,7 +300,7 @@ def run_eval(config: EvalConfig, stop_after: int | None = None, log: Callable[[s
         benches[name] = load_benchmark(name, source, config.limit)
     layers = parse_layers(config.layers)
     dictionary = None
-    if any(m in DICTIONARY_METHODS for m in methods):
+    if needs_dictionary(methods):
         from steering.dictionary import load_dictionary
 
         try:
@@ -404,7 +325,7 @@ def run_eval(config: EvalConfig, stop_after: int | None = None, log: Callable[[s
     metrics["daco_sae"] = daco_sae
     metrics["dead_letters"] = len(dead)
     metrics["complete"] = len(records) + len(dead) == len(wanted)
-    if any(m in DICTIONARY_METHODS for m in methods):
+    if needs_dictionary(methods):
         from steering.steerers.from_dictionary import STRENGTH_UNIT
 
         run = json.loads((out / RUN_FILE).read_text()) if (out / RUN_FILE).is_file() else {}
@@ -428,18 +349,21 @@ def _unique(records) -> list[dict]:
 def _generate_all(config: EvalConfig, todo: list, methods: Sequence[str], dictionary, layers, results_path: Path,
                   n_done: int, stop_after: int | None, log: Callable) -> int:
     """Generate, score and append each (item, method) of ``todo``; returns how many were generated."""
-    model, processor, adapter = load_model(config.model, dictionary, layers if dictionary is not None else (),
-                                           config.seed, config.device)
+    try:
+        model, processor, adapter, _ = load_model(config.model, dictionary.d if dictionary is not None else None,
+                                                  layers if dictionary is not None else (), config.seed, config.device)
+    except ValueError as exc:
+        raise EvalError(f"model {config.model}: {exc}") from None
     untrained = bool(getattr(model.config, "untrained", False))
     norms = None
-    if any(m in DICTIONARY_METHODS for m in methods):
+    if needs_dictionary(methods):
         from steering.steerers.from_dictionary import mean_activation_norms
 
         norms = mean_activation_norms(model, processor, layers)
         log(f"eval: gamma {config.gamma} in units of the mean activation norm per layer: "
             + ", ".join(f"{layer}: {n:.4g}" for layer, n in norms.items()))
     _write_run_file(results_path.parent, config, untrained, norms)
-    steerers = {m: STEERER_BUILDERS[m](model, processor, dictionary, layers, config, norms)
+    steerers = {m: build_steerer(m, model, processor, dictionary, layers, config, norms)
                 for m in methods if m != BASELINE}
     guard = None
     if config.judge == "llama-guard":
@@ -467,8 +391,8 @@ def _generate_all(config: EvalConfig, todo: list, methods: Sequence[str], dictio
             if not warmed:  # one untimed warm-up, so the first timed generation is not the slowest
                 generate(model, processor, item.prompt, image, None, 1, config.seed)
                 warmed = True
-            text, n_tokens, seconds = generate(model, processor, item.prompt, image, steerers.get(method),
-                                               config.max_new_tokens, config.seed)
+            text, n_tokens, seconds, _ = generate(model, processor, item.prompt, image, steerers.get(method),
+                                                  config.max_new_tokens, config.seed)
             record = _score(item, method, text, n_tokens, seconds, image is not None, untrained, guard)
             fh.write(json.dumps(record, sort_keys=True) + "\n")
             fh.flush()

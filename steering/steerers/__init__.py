@@ -3,21 +3,27 @@
 Each steerer is a context manager over a Hugging Face model that adds ``delta(layer, z)``
 to the chosen decoder layers' outputs for every token (prefill and each decode step,
 KV cache on, padded batches). :data:`STEERERS` maps method names to classes.
+
+Every module of this package is imported here, so each method registers itself
+(:func:`register`) and its class is exported under its own name: a new method is one new
+module, nothing to add here.
 """
 
-from steering.steerers.base import (DEFAULT_LAYERS, STEERERS, Steerer, get_steerer, parse_layers,
+import importlib
+import pkgutil
+
+from steering.steerers.base import (DEFAULT_LAYERS, STEERERS, BuildOptions, Steerer, get_steerer, parse_layers,
                                     record_activations, register)
-from steering.steerers.actadd import ActAddSteerer
-from steering.steerers.daco import CalibrationReport, DacoSteerer
-from steering.steerers.iar import IARSteerer
-from steering.steerers.mars import MARSSteerer
-from steering.steerers.mop import MOPSteerer
-from steering.steerers.prompting import SAFETY_SYSTEM_PROMPT, PromptingSteerer
-from steering.steerers.ras import RASSteerer
-from steering.steerers.refusal import RefusalDirectionSteerer
+from steering.steerers.daco import CalibrationReport
+from steering.steerers.fitted import FittedSteerer
+from steering.steerers.prompting import SAFETY_SYSTEM_PROMPT
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+globals().update({cls.__name__: cls for cls in STEERERS.values()})
 
 __all__ = [
-    "DEFAULT_LAYERS", "STEERERS", "Steerer", "get_steerer", "parse_layers", "record_activations", "register",
-    "ActAddSteerer", "CalibrationReport", "DacoSteerer", "MOPSteerer", "PromptingSteerer", "SAFETY_SYSTEM_PROMPT",
-    "IARSteerer", "MARSSteerer", "RASSteerer", "RefusalDirectionSteerer",
+    "DEFAULT_LAYERS", "STEERERS", "BuildOptions", "CalibrationReport", "FittedSteerer", "SAFETY_SYSTEM_PROMPT",
+    "Steerer", "get_steerer", "parse_layers", "record_activations", "register",
+    *sorted(cls.__name__ for cls in STEERERS.values()),
 ]

@@ -14,13 +14,15 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from steering.steerers.base import (DEFAULT_LAYERS, IndexSets, Steerer, dictionary_sets, disjoint, index_sets,
+from steering.steerers.base import (DEFAULT_LAYERS, BuildOptions, IndexSets, Steerer, dictionary_sets, disjoint, index_sets,
                                     record_activations, register)
 
 
 @register("actadd")
 class ActAddSteerer(Steerer):
     """Add ``coefficient * vectors_by_layer[layer]`` to the output of each steered layer."""
+
+    needs_dictionary = True
 
     def __init__(self, model: nn.Module | None, vectors_by_layer: Mapping[int, torch.Tensor], coefficient: float = 1.0):
         if not vectors_by_layer:
@@ -34,6 +36,15 @@ class ActAddSteerer(Steerer):
                 raise ValueError(f"the steering vector of layer {layer} must be a finite 1-D tensor [d], got shape {tuple(vector.shape)}")
             self.vectors[layer] = vector
         self._added = {layer: self.coefficient * v for layer, v in self.vectors.items()}
+
+    @classmethod
+    def build(cls, options: BuildOptions) -> ActAddSteerer:
+        """The dictionary's unit directions scaled to gamma's unit (:mod:`steering.steerers.from_dictionary`)."""
+        from steering.steerers.from_dictionary import strengths
+
+        strength, dictionary = strengths(options), options.dictionary
+        vectors = {layer: dictionary.directions(layer, unit=True) * s for layer, s in strength.items()}
+        return cls.from_directions(options.model, vectors, dictionary.undesirable(), dictionary.desirable())
 
     @classmethod
     def from_directions(cls, model: nn.Module | None, dictionary_by_layer: Mapping[int, torch.Tensor],

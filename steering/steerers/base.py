@@ -10,14 +10,19 @@ activation alone, so padded batches are steered exactly as single prompts (paddi
 positions are masked out by attention and never influence real ones). On exit the
 hooks are removed.
 
-One file per method (``daco.py``, ``mop.py``, ``actadd.py``, ``prompting.py``),
-each registering its class here with :func:`register`, so adding a method touches
-one file and one import line in ``__init__.py``.
+One file per method, each registering its class here with :func:`register`. The class
+carries what callers need: :attr:`Steerer.needs_dictionary`, :attr:`Steerer.fitted`,
+:meth:`Steerer.build` (from the common :class:`BuildOptions`) and
+:meth:`Steerer.before_generation` (per-item work). ``daco steer``, ``daco eval``,
+``steering``'s exports and the benchmarks derive their method lists from
+:data:`STEERERS`, and ``__init__.py`` imports every module of the package, so adding a
+method touches its module and its test.
 """
 
 from __future__ import annotations
 
 import abc
+import dataclasses
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
@@ -48,7 +53,7 @@ def register(name: str):
 
 
 def get_steerer(name: str) -> type[Steerer]:
-    """The steerer class registered as ``name`` (``daco``, ``mop``, ``actadd``, ``prompting``)."""
+    """The steerer class registered as ``name`` (see :data:`STEERERS`)."""
     try:
         return STEERERS[name]
     except KeyError:
@@ -146,6 +151,34 @@ def _rows(dictionary, concepts) -> list[int]:
     return [index[c] if isinstance(c, str) else int(c) for c in concepts]
 
 
+@dataclasses.dataclass
+class BuildOptions:
+    """The common options every registered steerer is built from (:meth:`Steerer.build`)."""
+
+    model: nn.Module
+    """The Hugging Face model to steer."""
+    processor: Any = None
+    """Its processor or tokenizer (to measure ``norms`` and to fit defences)."""
+    layers: Sequence[int] = DEFAULT_LAYERS
+    """The decoder layers the dictionary methods steer."""
+    dictionary: Any = None
+    """The :class:`~steering.dictionary.ConceptDictionary` (methods whose ``needs_dictionary`` is true)."""
+    gamma: float = 0.1
+    """Strength of the additive dictionary methods (:data:`steering.steerers.from_dictionary.STRENGTH_UNIT`)."""
+    norms: Mapping[int, float] | None = None
+    """Mean activation norm per steered layer, gamma's unit (None: measured with ``processor``)."""
+    sae_dir: str | None = None
+    """daco: folder with one trained SAE per layer (``<sae_dir>/layer_<l>/``); None: dictionary-initialised SAEs."""
+    k: int = 32
+    """daco without ``sae_dir``: TopK k of the dictionary-initialised SAE (capped at the number of concepts)."""
+    eta: float = 0.5
+    """daco: cosine threshold of the annotation's centroid rule (docs/methods.md §3)."""
+    sets: Any = None
+    """Fitted defences: the :class:`~steering.contrastive.ContrastiveSets` to fit on (None: the shipped sets)."""
+    fit: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """Fitted defences: keyword options of the method's ``fit`` (absent ones: the method's defaults)."""
+
+
 def _hidden(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
@@ -160,6 +193,15 @@ class Steerer(abc.ABC):
     """
 
     name: ClassVar[str] = ""
+    needs_dictionary: ClassVar[bool] = False
+    """Whether :meth:`build` steers with the concept dictionary (callers require ``--dictionary``)."""
+    fitted: ClassVar[bool] = False
+    """Whether the method is a defence fitted on contrastive sets, with ``fit``, ``save`` and ``load``."""
+
+    @classmethod
+    @abc.abstractmethod
+    def build(cls, options: BuildOptions) -> Steerer:
+        """The method's steerer from the common options (what ``daco steer`` and ``daco eval`` call)."""
 
     def __init__(self, model: nn.Module | None, layers: Iterable[int]):
         self.model = model
@@ -183,6 +225,10 @@ class Steerer(abc.ABC):
         only items with an image). Returns per-item details to print, or None.
         """
         return None
+
+    def describe(self, detail: dict) -> str:
+        """One line for ``daco steer`` to print about an item's :meth:`before_generation` detail."""
+        return ", ".join(f"{key} {value}" for key, value in detail.items())
 
     def _to(self, device: torch.device, dtype: torch.dtype) -> None:
         """Move the method's tensors to the model's device and dtype (called on entry)."""

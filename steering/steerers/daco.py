@@ -31,7 +31,7 @@ from torch import nn
 
 import sys
 
-from steering.steerers.base import IndexSets, Steerer, disjoint, index_sets, per_layer, register
+from steering.steerers.base import BuildOptions, IndexSets, Steerer, disjoint, index_sets, per_layer, register
 
 MODES = ("exact", "fast")
 
@@ -101,6 +101,16 @@ class DacoSteerer(Steerer):
             layer's mean activation norm, see :mod:`steering.steerers.from_dictionary`).
         mode: ``"exact"`` (default) or ``"fast"`` (the calibrated approximation; see the module docstring).
     """
+
+    needs_dictionary = True
+
+    @classmethod
+    def build(cls, options: BuildOptions) -> DacoSteerer:
+        """The SAEs of ``options.sae_dir`` (else dictionary-initialised), annotated; gamma in the shared unit."""
+        from steering.steerers.from_dictionary import daco_saes, strengths
+
+        saes, undesirable, desirable = daco_saes(options.dictionary, options.layers, options.sae_dir, options.k, options.eta)
+        return cls(options.model, saes, undesirable, desirable, gamma=strengths(options))
 
     def __init__(self, model: nn.Module | None, saes_by_layer: Mapping[int, object], undesirable: IndexSets,
                  desirable: IndexSets = (), gamma: float | Mapping[int, float] = 1.0, mode: str = "exact"):

@@ -1,5 +1,7 @@
 """What the fitted defences (refusal direction, MARS, IAR, RAS) share.
 
+* :class:`FittedSteerer`, their base class: registered with ``fitted`` true, built by
+  fitting on the contrastive sets (:meth:`FittedSteerer.build`).
 * A saved steerer is a folder with ``steerer.safetensors`` (its tensors) and
   ``steerer.json`` (method name, format version, every parameter and the fit report):
   :func:`save_folder` / :func:`load_folder`. Extraction runs once; ``load(dir, model)``
@@ -20,9 +22,28 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from steering.steerers.base import BuildOptions, Steerer
+
 TENSORS_FILENAME = "steerer.safetensors"
 CONFIG_FILENAME = "steerer.json"
 FORMAT_VERSION = 1
+
+
+class FittedSteerer(Steerer):
+    """A defence fitted on contrastive sets (``fit``), saved to a folder (``save``) and loaded back (``load``)."""
+
+    fitted = True
+
+    @classmethod
+    def fit_sets(cls, sets) -> tuple:
+        """The contrastive sets ``fit`` takes after (model, processor): the harmful and harmless prompts."""
+        return sets.harmful, sets.harmless
+
+    @classmethod
+    def build(cls, options: BuildOptions) -> FittedSteerer:
+        """Fit on ``options.sets`` (None: the shipped sets) with ``options.fit`` as ``fit``'s keyword options."""
+        sets = cls.fit_sets(options.sets) if options.sets is not None else ()
+        return cls.fit(options.model, options.processor, *sets, **options.fit)
 
 
 def save_folder(path: str | Path, method: str, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> Path:

@@ -1,5 +1,6 @@
-"""Building the dictionary-based steerers (prompting, actadd, mop, daco) from a loaded
-:class:`~steering.dictionary.ConceptDictionary`; shared by ``daco steer`` and ``daco eval``.
+"""What the dictionary-based steerers (actadd, mop, daco) share when they are built
+(:meth:`~steering.steerers.base.Steerer.build`) from a loaded
+:class:`~steering.dictionary.ConceptDictionary`.
 
 **One strength unit (docs/defences.md).** ``gamma`` is measured in units of the mean
 activation norm at each steered layer (:func:`mean_activation_norms`, measured once when
@@ -17,7 +18,6 @@ from typing import Sequence
 
 import torch
 
-DICTIONARY_STEERERS = ("prompting", "actadd", "mop", "daco")
 STRENGTH_UNIT = ("gamma is in units of the mean activation norm at each steered layer: each desirable concept is "
                  "pushed by gamma x that norm along its unit direction (actadd also subtracts that much per "
                  "undesirable concept; mop and daco remove the undesirable concepts' measured codes)")
@@ -77,30 +77,14 @@ def daco_saes(dictionary, layers: Sequence[int], sae_dir: str | None = None, k: 
     return saes, undesirable, desirable
 
 
-def dictionary_steerer(method: str, model, dictionary, layers: Sequence[int], *, gamma: float,
-                       norms: dict[int, float] | None = None, sae_dir: str | None = None, k: int = 32,
-                       eta: float = 0.5, processor=None):
-    """The steerer of a dictionary method on ``model`` at ``layers`` (see :data:`DICTIONARY_STEERERS`).
+def strengths(options) -> dict[int, float]:
+    """Per steered layer, ``options.gamma`` times the layer's mean activation norm (the unit above).
 
-    ``gamma`` is in the unit of the module docstring; ``norms`` are the layers' mean
-    activation norms (default: :func:`mean_activation_norms` with ``processor``).
+    ``options.norms`` are the norms when given, else measured with :func:`mean_activation_norms`.
     """
-    from steering.steerers import ActAddSteerer, DacoSteerer, MOPSteerer, PromptingSteerer
-
-    if method not in DICTIONARY_STEERERS:
-        raise ValueError(f"{method!r} is not a dictionary method; those are {', '.join(DICTIONARY_STEERERS)}")
-    if method == "prompting":
-        return PromptingSteerer(model)
+    norms = options.norms
     if norms is None:
-        if processor is None:
-            raise ValueError(f"{method}: give norms (mean activation norm per layer) or the processor to measure them")
-        norms = mean_activation_norms(model, processor, layers)
-    strength = {layer: gamma * norms[layer] for layer in layers}
-    if method == "actadd":
-        vectors = {layer: dictionary.directions(layer, unit=True) * strength[layer] for layer in layers}
-        undesirable, desirable = dictionary.undesirable(), dictionary.desirable()
-        return ActAddSteerer.from_directions(model, vectors, undesirable, desirable, coefficient=1.0)
-    if method == "mop":
-        return MOPSteerer.from_dictionary(model, dictionary, layers, gamma=strength)
-    saes, undesirable, desirable = daco_saes(dictionary, layers, sae_dir, k, eta)
-    return DacoSteerer(model, saes, undesirable, desirable, gamma=strength)
+        if options.processor is None:
+            raise ValueError("give norms (mean activation norm per layer) or the processor to measure them")
+        norms = mean_activation_norms(options.model, options.processor, options.layers)
+    return {layer: options.gamma * norms[layer] for layer in options.layers}

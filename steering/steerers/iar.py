@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from steering.steerers.base import Steerer, decoder_layers, register
-from steering.steerers.fitted import load_folder, save_folder
+from steering.steerers.base import decoder_layers, register
+from steering.steerers.fitted import FittedSteerer, load_folder, save_folder
 
 LEVELS = ("head", "layer")
 POSITIONS = ("last", "all")
@@ -76,7 +76,7 @@ def revision_vector(x: torch.Tensor, y: torch.Tensor, direction: str, c: float =
 
 
 @register("iar")
-class IARSteerer(Steerer):
+class IARSteerer(FittedSteerer):
     """Add a revision vector at chosen layers or attention heads, every token (module docstring).
 
     Reconstructed / not published: ``k``, ``alpha``, responses per query, the probe's C,
@@ -157,6 +157,11 @@ class IARSteerer(Steerer):
             return (heads + self.delta(layer, heads), *args[1:])
 
         return add
+
+    @classmethod
+    def fit_sets(cls, sets) -> tuple:
+        """IAR fits on the harmful prompts, the refusal responses and the compliant responses."""
+        return sets.harmful, sets.refusal, sets.compliant
 
     @classmethod
     @torch.no_grad()

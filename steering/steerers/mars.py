@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from steering.steerers.base import Steerer, decoder_layers, register
-from steering.steerers.fitted import GenerationSteps, check_width, load_folder, save_folder
+from steering.steerers.base import decoder_layers, register
+from steering.steerers.fitted import FittedSteerer, GenerationSteps, check_width, load_folder, save_folder
 
 
 def _split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -62,7 +62,7 @@ def layer_scores(harmful: torch.Tensor, harmless: torch.Tensor, fraction: float,
 
 
 @register("mars")
-class MARSSteerer(Steerer):
+class MARSSteerer(FittedSteerer):
     """Gated, trust-region refusal steering at one layer, first generated token only (module docstring).
 
     Reconstructed (MARS publishes no equations): the gate ``relu(s - c_safe)`` scaled by

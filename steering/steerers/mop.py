@@ -18,7 +18,7 @@ from torch import nn
 
 from steering import sparse_coding
 from steering.dictionary import unit_rows
-from steering.steerers.base import (DEFAULT_LAYERS, IndexSets, Steerer, dictionary_sets, disjoint, index_sets, per_layer,
+from steering.steerers.base import (DEFAULT_LAYERS, BuildOptions, IndexSets, Steerer, dictionary_sets, disjoint, index_sets, per_layer,
                                     register)
 
 SOLVERS = ("elastic_net", "lstsq")
@@ -43,6 +43,8 @@ class MOPSteerer(Steerer):
             the model's dtype.
     """
 
+    needs_dictionary = True
+
     def __init__(self, model: nn.Module | None, dictionary_by_layer: Mapping[int, torch.Tensor], undesirable: IndexSets,
                  desirable: IndexSets = (), gamma: float | Mapping[int, float] = 0.0, solver: str = "elastic_net", alpha: float = 0.1,
                  tau: float = 0.9, rank: int = 500, max_iter: int = 1000, tol: float = 1e-6,
@@ -66,6 +68,13 @@ class MOPSteerer(Steerer):
         self.solver, self.alpha, self.tau, self.rank = solver, alpha, tau, rank
         self.max_iter, self.tol = max_iter, tol
         self._solvers: dict[int, object] = {}
+
+    @classmethod
+    def build(cls, options: BuildOptions) -> MOPSteerer:
+        """From ``options.dictionary`` with gamma in its unit (:mod:`steering.steerers.from_dictionary`)."""
+        from steering.steerers.from_dictionary import strengths
+
+        return cls.from_dictionary(options.model, options.dictionary, options.layers, gamma=strengths(options))
 
     @classmethod
     def from_dictionary(cls, model: nn.Module | None, dictionary, layers=DEFAULT_LAYERS, undesirable=None,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from steering.steerers.base import Steerer, register
+from steering.steerers.base import BuildOptions, Steerer, register
 
 SAFETY_SYSTEM_PROMPT = (
     "You are a helpful and harmless assistant. If a request, or the image that comes with it, asks for "
@@ -21,6 +21,11 @@ SAFETY_SYSTEM_PROMPT = (
 @register("prompting")
 class PromptingSteerer(Steerer):
     """Prepend ``system_prompt`` as a system turn (or before an existing system turn's text)."""
+
+    @classmethod
+    def build(cls, options: BuildOptions) -> PromptingSteerer:
+        """The default safety prompt; prompting needs no dictionary."""
+        return cls(options.model)
 
     def __init__(self, model=None, system_prompt: str = SAFETY_SYSTEM_PROMPT):
         if not system_prompt or not system_prompt.strip():

@@ -43,8 +43,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from steering.steerers.base import Steerer, decoder_layers, register
-from steering.steerers.fitted import GenerationSteps, check_width, final_norm, load_folder, save_folder
+from steering.steerers.base import decoder_layers, register
+from steering.steerers.fitted import FittedSteerer, GenerationSteps, check_width, final_norm, load_folder, save_folder
 
 CONTEXT_INSTRUCTION = ("Write a single sentence visual context to outline any safety-critical context in the image. "
                        "The context should read out any texts in the image, and begin with 'The image shows'.")
@@ -63,7 +63,7 @@ def risk_weights(n_tokens: int, gamma: float) -> torch.Tensor:
 
 
 @register("ras")
-class RASSteerer(Steerer):
+class RASSteerer(FittedSteerer):
     """Interpolate the final-norm state toward the unsafe prototypes by the query's risk (module docstring).
 
     Prompts as the authors' code words them; reconstructed: the sizes of the unsafe and
@@ -239,6 +239,11 @@ class RASSteerer(Steerer):
     def before_generation(self, processor, prompts: Sequence[str], images: Sequence | None = None) -> list[dict]:
         """:meth:`prepare`: RAS assesses each query's risk before generating."""
         return self.prepare(processor, prompts, images)
+
+    def describe(self, detail: dict) -> str:
+        """The item's risk, its score against ``S_base``, and the visual context when there was one."""
+        return (f"risk {detail['risk']:.4f} (score {detail['score']:.4f}, S_base {self.s_base:.4f})"
+                + (f"; context: {detail['context']}" if detail["context"] else ""))
 
     # -- fitting ----------------------------------------------------------------------------
 

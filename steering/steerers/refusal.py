@@ -41,8 +41,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from steering.steerers.base import Steerer, decoder_layers, register
-from steering.steerers.fitted import check_width, load_folder, save_folder
+from steering.steerers.base import decoder_layers, register
+from steering.steerers.fitted import FittedSteerer, check_width, load_folder, save_folder
 
 MODES = ("addition", "ablation")
 ATTACK_MODES = ("ablation",)
@@ -121,7 +121,7 @@ def select_candidate(candidates: Sequence[dict], kl_threshold: float, induce_thr
 
 
 @register("refusal")
-class RefusalDirectionSteerer(Steerer):
+class RefusalDirectionSteerer(FittedSteerer):
     """Add the refusal direction at its layer (the defence), or ablate it everywhere (the attack).
 
     Reconstructed: layer outputs instead of the paper's block inputs (layer l here is the
