@@ -27,7 +27,7 @@ from importlib import resources
 
 from pipeline.config import load_config_file, section
 from pipeline.runner import print_summary, run_pipeline
-from transforms import activations, concepts, directions, embed, fileio, outdir, retrieve, shards
+from transforms import activations, clip_model, concept_prompts, concepts, directions, embed, embeddings_layout, fileio, outdir, retrieve, shards
 from transforms.config import StageConfig
 from transforms.counters import Reconciliation
 
@@ -53,14 +53,14 @@ class BuildConfig:
 
     concepts: concepts.ConceptsConfig
     corpus: CorpusConfig
-    clip: embed.ClipConfig
+    clip: clip_model.ClipConfig
     retrieve: retrieve.RetrieveConfig
     mllm: activations.MLLMConfig
     source: str = "preset:default"
     extra: dict = field(default_factory=dict)
 
 
-SECTIONS = {"concepts": concepts.ConceptsConfig, "corpus": CorpusConfig, "clip": embed.ClipConfig,
+SECTIONS = {"concepts": concepts.ConceptsConfig, "corpus": CorpusConfig, "clip": clip_model.ClipConfig,
             "retrieve": retrieve.RetrieveConfig, "mllm": activations.MLLMConfig}
 
 
@@ -167,7 +167,7 @@ def _run_phases(cfg: BuildConfig, out: str, shards_pattern: str | None, embeddin
     find_wordnet(cfg.concepts.wordnet_dir)
     if shards_pattern:
         shards.match_shards(shards_pattern)
-    if embeddings_dir and not embed.embeddings_exist(embeddings_dir):
+    if embeddings_dir and not embeddings_layout.embeddings_exist(embeddings_dir):
         raise SystemExit(f"--embeddings {embeddings_dir}: no clip-retrieval layout there "
                          "(img_emb/, text_emb/, metadata/); drop the option to compute embeddings")
     _step("checking the MLLM and its layers")
@@ -175,7 +175,7 @@ def _run_phases(cfg: BuildConfig, out: str, shards_pattern: str | None, embeddin
         mllm_info = activations.check_model(cfg.mllm)
     except ValueError as exc:  # a layer the model lacks, a token cap above its context: one line
         raise SystemExit(f"daco build: mllm: {exc}") from None
-    clip = embed.load_clip(cfg.clip)
+    clip = clip_model.load_clip(cfg.clip)
 
     outdir.mark_incomplete(out, "daco build")
     _step("phase 1/4: concepts")
@@ -191,7 +191,7 @@ def _run_phases(cfg: BuildConfig, out: str, shards_pattern: str | None, embeddin
     _step("phase 3/4: concept text embeddings")
     table = fileio.read_parquet(concepts_path)
     concept_ids, ranks, target = retrieve.concept_pool(table)
-    concept_emb = embed.embed_concepts(table, clip)
+    concept_emb = concept_prompts.embed_concepts(table, clip)
     emb_path = fileio.join(out, "concept_embeddings.npy")
     fileio.write_npy_atomic(emb_path, concept_emb)
 

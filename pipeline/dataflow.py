@@ -358,7 +358,7 @@ def plan(launch: Launch) -> dict:
     import functools
 
     from pipeline import build
-    from transforms import concepts, embed, fileio
+    from transforms import clip_model, concepts, fileio
 
     validate(launch)
     _offline_gcs_paths()
@@ -373,7 +373,7 @@ def plan(launch: Launch) -> dict:
             concept_emb_path=fileio.join(out, "concept_embeddings.npy"), concept_ids=[], cfg=cfg)
         try:
             main_job, options = _job("main", main, launch.beam_args)
-        except embed.ClipLoadError as exc:
+        except clip_model.ClipLoadError as exc:
             raise DataflowOptionsError("plan_weights", detail=str(exc)) from None
     return {
         "format": PLAN_FORMAT,

@@ -20,7 +20,7 @@ from pipeline.build import BuildConfig, CorpusConfig, main_graph
 from pipeline.runner import run_pipeline
 from steering import load_dictionary
 from steering.models.base import LoadedModel, ModelAdapter
-from transforms import embed, fileio
+from transforms import clip_model, embeddings_layout, fileio
 from transforms.activations import MLLMConfig
 from transforms.concepts import ConceptsConfig
 from transforms.retrieve import RetrieveConfig
@@ -127,7 +127,7 @@ def test_planted_directions_are_recovered_through_the_whole_graph(small_corpus, 
         with Image.open(io.BytesIO(jpg)) as im:
             pixels[_pixel_hash(im)] = t["image_concept_id"]
     for shard, rows in rows_by_shard.items():
-        embed.write_file_set(emb_dir, shard, rows)
+        embeddings_layout.write_file_set(emb_dir, shard, rows)
     concept_emb = str(tmp_path / "concept_emb.npy")
     fileio.write_npy_atomic(concept_emb, clip_vectors.astype(np.float32))
 
@@ -146,7 +146,7 @@ def test_planted_directions_are_recovered_through_the_whole_graph(small_corpus, 
     monkeypatch.setitem(models.REGISTRY, "planted", PlantedAdapter)
 
     cfg = BuildConfig(
-        concepts=ConceptsConfig(), corpus=CorpusConfig(), clip=embed.ClipConfig(),
+        concepts=ConceptsConfig(), corpus=CorpusConfig(), clip=clip_model.ClipConfig(),
         retrieve=RetrieveConfig.from_dict({"k": 3, "n_negatives": 48, "negative_quantile": 0.9, "min_positives": 2}),
         mllm=MLLMConfig.from_dict({"family": "planted", "layers": list(LAYERS), "batch_size": 4}),
     )

@@ -10,7 +10,7 @@ from pipeline import dataflow
 from pipeline.build import load_build_config
 from pipeline.cli import main as daco
 from transforms.activations import MLLMConfig
-from transforms.embed import ClipConfig
+from transforms.clip_model import ClipConfig
 
 IMAGE = "us-central1-docker.pkg.dev/daco-project/daco/worker:2.77.0-cu124"
 HINT = "type:nvidia-l4;count:1;install-nvidia-driver"

@@ -102,7 +102,7 @@ from transforms import fileio
 from transforms.config import StageConfig
 from transforms.counters import Reconciliation
 from transforms.deadletter import DEAD, WriteDeadLetters, dead_letter
-from transforms.embed import read_embeddings
+from transforms.embeddings_layout import read_embeddings
 from transforms.progress import ProgressLog
 
 NAMESPACE = "retrieve"
@@ -288,8 +288,9 @@ def stored_embedding_dim(emb_dir: str) -> int:
 
 def write_concept_embeddings(concepts_path: str, out_path: str, clip_cfg) -> str:
     """Embed every concept of a ``concepts.parquet`` (file order) with CLIP prompt ensembles
-    (:func:`transforms.embed.embed_concepts`) and write them to ``out_path`` as .npy; returns the path."""
-    from transforms.embed import embed_concepts, load_clip
+    (:func:`transforms.concept_prompts.embed_concepts`) and write them to ``out_path`` as .npy; returns the path."""
+    from transforms.clip_model import load_clip
+    from transforms.concept_prompts import embed_concepts
 
     vectors = embed_concepts(fileio.read_parquet(concepts_path), load_clip(clip_cfg))
     fileio.write_npy_atomic(out_path, vectors.astype(np.float32))

@@ -87,7 +87,8 @@ def _supplied_embeddings(emb_dir: str, clip, resolved) -> dict:
     from apache_beam.io.filesystems import FileSystems
 
     from transforms import fileio
-    from transforms.embed import embeddings_exist, model_config
+    from transforms.clip_model import model_config
+    from transforms.embeddings_layout import embeddings_exist
     from transforms.retrieve import stored_embedding_dim
 
     if not embeddings_exist(emb_dir):
@@ -115,15 +116,15 @@ def run(args, beam_args):
 
     from pipeline.commands.embed import clip_config_from_args
     from pipeline.runner import print_summary, quiet_beam_logging, run_pipeline
-    from transforms import embed, fileio, retrieve, shards
+    from transforms import clip_model, embed, fileio, retrieve, shards
 
     quiet_beam_logging()
     cfg = _retrieve_config(args)
     clip = clip_config_from_args(args)
     concept_ids, ranks, target = _concept_pool(args.concepts)
     try:
-        resolved = embed.resolve_clip_config(clip)
-    except embed.ClipLoadError as exc:
+        resolved = clip_model.resolve_clip_config(clip)
+    except clip_model.ClipLoadError as exc:
         raise SystemExit(str(exc)) from None
     compute = args.embeddings is None
     if compute:
@@ -151,7 +152,7 @@ def run(args, beam_args):
 
     try:
         counters = run_pipeline(build, beam_args)
-    except (shards.ShardsNotFound, embed.ClipLoadError) as exc:  # raised while the graph is built
+    except (shards.ShardsNotFound, clip_model.ClipLoadError) as exc:  # raised while the graph is built
         raise SystemExit(str(exc)) from None
     checks = [retrieve.RECONCILIATION, retrieve.STIMULI_RECONCILIATION]
     if compute:
