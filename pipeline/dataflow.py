@@ -8,7 +8,7 @@ exists in the chosen region (:data:`GPU_REGIONS`). Every failure is a
 dataflow/README.md.
 
 :func:`write_plan` writes what the Dataflow service would receive, without network or
-credentials: each Beam job of the build (phase 1, the concepts graph; phase 4, the main
+credentials: each Beam job of the build (phase 1, the concepts graph; phase 3, the main
 graph) prepared the way ``DataflowRunner.run_pipeline`` prepares it (Beam 2.77: its
 Dataflow graph rewrites, the default Docker environment from ``--sdk_container_image``
 with the pipeline-wide resource hints, ``Pipeline.to_runner_api``, environments resolved
@@ -358,19 +358,19 @@ def plan(launch: Launch) -> dict:
     import functools
 
     from pipeline import build
-    from transforms import clip_model, concepts, fileio
+    from transforms import clip_model, fileio
 
     validate(launch)
     _offline_gcs_paths()
     cfg, out = launch.cfg, launch.out
     with _shards_from_pattern(), _no_downloads():
         shards_paths = build.shards.match_shards(launch.shards)
-        concepts_job, _ = _job("concepts", lambda p: p | "SelectConcepts" >> concepts.SelectConcepts(cfg.concepts)
-                            | "WriteConcepts" >> concepts.WriteConcepts(out, cfg.concepts), launch.beam_args)
+        concepts_job, _ = _job("concepts", functools.partial(build.concepts_graph, out=out, cfg=cfg.concepts),
+                               launch.beam_args)
         main = functools.partial(
             build.main_graph, out=out, shards_pattern=launch.shards,
             emb_dir=launch.embeddings or fileio.join(out, "embeddings"), compute_embeddings=not launch.embeddings,
-            concept_emb_path=fileio.join(out, "concept_embeddings.npy"), concept_ids=[], cfg=cfg)
+            concepts_path=fileio.join(out, "concepts.parquet"), concept_ids=[], cfg=cfg)
         try:
             main_job, options = _job("main", main, launch.beam_args)
         except clip_model.ClipLoadError as exc:
@@ -386,8 +386,8 @@ def plan(launch: Launch) -> dict:
         "phases": {
             "1": "job 'concepts' (on Dataflow): WordNet -> OUT/concepts.parquet",
             "2": "skipped: --shards is required on Dataflow",
-            "3": "on the launcher: CLIP text embeddings of the concepts -> OUT/concept_embeddings.npy",
-            "4": "job 'main' (on Dataflow): shards -> embeddings -> retrieval -> activations -> directions",
+            "3": "job 'main' (on Dataflow): shards -> embeddings, concepts -> OUT/concept_embeddings.npy; "
+                 "-> retrieval -> activations -> directions",
         },
         "not_known_offline": {
             "concept_ids": "phase 1's output; the main job is planned with an empty concept list (one Create "

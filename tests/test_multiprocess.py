@@ -6,7 +6,6 @@ from pipeline.build import BuildConfig, CorpusConfig, main_graph
 from pipeline.cli import main as daco
 from pipeline.runner import local_worker_args, run_pipeline
 from transforms import clip_model, fileio
-from transforms.concept_prompts import embed_concepts
 from transforms.activations import MLLMConfig
 from transforms.concepts import ConceptsConfig
 from transforms.retrieve import RetrieveConfig
@@ -36,14 +35,12 @@ def test_two_worker_processes_write_the_same_dictionary_bytes(small_corpus, tmp_
     """The main graph (shards -> CLIP -> retrieval -> MLLM -> directions) on the embedded corpus,
     once on one worker and once on two worker processes (what --workers 2 passes)."""
     concepts = fileio.read_parquet(str(small_corpus / "concepts.parquet"))
-    concept_emb = str(tmp_path / "concept_embeddings.npy")
-    fileio.write_npy_atomic(concept_emb, embed_concepts(concepts, clip_model.load_clip(CFG.clip)))
     dictionaries = {}
     for workers in ("1", "2"):
         out = tmp_path / f"workers{workers}"
         counters = run_pipeline(lambda p: main_graph(
             p, out=str(out), shards_pattern=str(small_corpus / "shards" / "*.tar"),
-            emb_dir=str(out / "embeddings"), compute_embeddings=True, concept_emb_path=concept_emb,
+            emb_dir=str(out / "embeddings"), compute_embeddings=True, concepts_path=str(small_corpus / "concepts.parquet"),
             concept_ids=concepts.column("concept_id").to_pylist(), cfg=CFG), local_worker_args(workers))
         assert counters["directions.kept"] > 0 and counters["embed.embedded"] == 80
         dictionaries[workers] = {p.name: p.read_bytes() for p in sorted((out / "dictionary").glob("*.parquet"))}

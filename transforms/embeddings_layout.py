@@ -185,3 +185,49 @@ def read_embeddings(emb_dir: str) -> tuple[np.ndarray, np.ndarray, pa.Table]:
         imgs.append(img)
         txts.append(txt)
     return np.concatenate(imgs), np.concatenate(txts), pa.concat_tables(tables)
+
+
+def stored_embedding_dim(emb_dir: str) -> int:
+    """The dimension of an embeddings folder, from the header of its first ``img_emb`` file only."""
+    found = FileSystems.match([fileio.join(emb_dir, "img_emb", "img_emb_*.npy")])[0].metadata_list
+    if not found:
+        raise EmbeddingsLayoutError(f"{emb_dir}: no img_emb/img_emb_N.npy (not clip-retrieval's layout)")
+    path = min(m.path for m in found)
+    with FileSystems.open(path) as fh:
+        major, _minor = np.lib.format.read_magic(fh)
+        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, _fortran, _dtype = read_header(fh)
+    if len(shape) != 2:
+        raise EmbeddingsLayoutError(f"{path}: expected [rows, dim], got shape {shape}")
+    return int(shape[1])
+
+
+def check_matches_clip(emb_dir: str, cfg: ClipConfig, resolved: ClipConfig) -> dict:
+    """The one check that a supplied embeddings folder fits the configured CLIP, run before any
+    work: the folder is in this layout, its dimension is the model's ``embed_dim``, and its
+    ``embeddings.json`` (when present; LAION's folders have none) names the same model and
+    weights (:func:`weights_label` of ``resolved``). Returns that record ({} without one);
+    a mismatch raises :class:`EmbeddingsLayoutError` naming the file and the fix."""
+    import json
+
+    if not embeddings_exist(emb_dir):
+        raise EmbeddingsLayoutError(
+            f"{emb_dir}: not a clip-retrieval folder (img_emb/img_emb_N.npy with text_emb/ and metadata/); "
+            "leave --embeddings out to compute them from the shards")
+    dim, expected = stored_embedding_dim(emb_dir), int(model_config(cfg)["embed_dim"])
+    if dim != expected:
+        raise EmbeddingsLayoutError(
+            f"{emb_dir} has dimension {dim} but CLIP {cfg.model_name} embeds concepts in {expected}: configure the "
+            "CLIP that made the embeddings (clip.model_name/clip.pretrained in a build config, "
+            "--clip-model/--clip-pretrained with daco retrieve)")
+    record_path = fileio.join(emb_dir, "embeddings.json")
+    if not FileSystems.exists(record_path):
+        return {}
+    record = json.loads(fileio.read_bytes(record_path))
+    weights = weights_label(resolved)
+    if (record.get("model_name"), record.get("weights")) != (cfg.model_name, weights):
+        raise EmbeddingsLayoutError(
+            f"{record_path}: the embeddings were made with {record.get('model_name')} ({record.get('weights')}) "
+            f"but concepts would be embedded with {cfg.model_name} ({weights}): configure the same CLIP "
+            "(clip.model_name/clip.pretrained in a build config, --clip-* options with daco retrieve)")
+    return record

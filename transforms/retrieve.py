@@ -93,7 +93,6 @@ import apache_beam as beam
 import faiss
 import numpy as np
 import pyarrow as pa
-from apache_beam.io.filesystems import FileSystems
 from scipy.special import log_ndtr
 from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
@@ -269,21 +268,6 @@ def load_concept_embeddings(source: np.ndarray | str) -> np.ndarray:
     if array.ndim != 2:
         raise ValueError(f"concept embeddings must be [n_concepts, d], got shape {array.shape}")
     return np.asarray(array, dtype=np.float32)
-
-
-def stored_embedding_dim(emb_dir: str) -> int:
-    """The dimension of an embeddings folder, from the header of its first ``img_emb`` file only."""
-    found = FileSystems.match([fileio.join(emb_dir, "img_emb", "img_emb_*.npy")])[0].metadata_list
-    if not found:
-        raise ValueError(f"{emb_dir}: no img_emb/img_emb_N.npy (not clip-retrieval's layout)")
-    path = min(m.path for m in found)
-    with FileSystems.open(path) as fh:
-        major, _minor = np.lib.format.read_magic(fh)
-        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-        shape, _fortran, _dtype = read_header(fh)
-    if len(shape) != 2:
-        raise ValueError(f"{path}: expected [rows, dim], got shape {shape}")
-    return int(shape[1])
 
 
 def write_concept_embeddings(concepts_path: str, out_path: str, clip_cfg) -> str:
