@@ -148,14 +148,15 @@ def stimuli_graph(p, *, out: str, records, emb_dir: str, concepts_path: str | No
 def main_graph(p, *, out: str, shards_pattern: str, emb_dir: str, compute_embeddings: bool,
                concept_ids: list[str], cfg: BuildConfig, concepts_path: str | None = None,
                concept_emb_path: str | None = None, ranks: list[int] | None = None, target: int | None = None,
-               untrained: bool | None = None) -> None:
-    """The main Beam graph: shards -> CLIP embeddings (unless given) -> retrieval
-    (:func:`stimuli_graph`) -> MLLM activations -> directions -> ``OUT/dictionary/``."""
+               untrained: bool | None = None, list_shards=shards.match_shards) -> None:
+    """The main Beam graph: shards (``shards_pattern`` listed by ``list_shards``) -> CLIP
+    embeddings (unless given) -> retrieval (:func:`stimuli_graph`) -> MLLM activations ->
+    directions -> ``OUT/dictionary/``."""
     import apache_beam as beam
 
     from transforms.write import WriteDictionary
 
-    records = p | "ReadShards" >> shards.ReadShards(shards_pattern, out)
+    records = p | "ReadShards" >> shards.ReadShards(shards_pattern, out, list_shards)
     stimuli_paths = stimuli_graph(p, out=out, records=records if compute_embeddings else None, emb_dir=emb_dir,
                                   concepts_path=concepts_path, concept_ids=concept_ids, clip=cfg.clip,
                                   cfg=cfg.retrieve, untrained=untrained, ranks=ranks, target=target,
