@@ -213,9 +213,12 @@ def _run_phases(cfg: BuildConfig, out: str, shards_pattern: str | None, embeddin
         shards.match_shards(shards_pattern)
     try:
         resolved = clip_model.resolve_clip_config(cfg.clip)
+    except clip_model.ClipLoadError as exc:
+        raise SystemExit(f"daco build: {exc}") from None
+    try:
         supplied = embeddings_layout.check_matches_clip(embeddings_dir, cfg.clip, resolved) if embeddings_dir else {}
-    except (clip_model.ClipLoadError, embeddings_layout.EmbeddingsLayoutError) as exc:
-        raise SystemExit(f"daco build: --embeddings {exc}" if embeddings_dir else f"daco build: {exc}") from None
+    except embeddings_layout.EmbeddingsLayoutError as exc:
+        raise SystemExit(f"daco build: --embeddings {exc}") from None
     untrained = supplied.get("untrained", False) or resolved.pretrained is None
     _step("checking the MLLM and its layers")
     try:
