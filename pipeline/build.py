@@ -211,6 +211,11 @@ def _run_phases(cfg: BuildConfig, out: str, shards_pattern: str | None, embeddin
     find_wordnet(cfg.concepts.wordnet_dir)
     if shards_pattern:
         shards.match_shards(shards_pattern)
+    _step("checking the MLLM and its layers")
+    try:
+        mllm_info = activations.check_model(cfg.mllm)
+    except ValueError as exc:  # a layer the model lacks, a token cap above its context: one line
+        raise SystemExit(f"daco build: mllm: {exc}") from None
     try:
         resolved = clip_model.resolve_clip_config(cfg.clip)
     except clip_model.ClipLoadError as exc:
@@ -220,11 +225,6 @@ def _run_phases(cfg: BuildConfig, out: str, shards_pattern: str | None, embeddin
     except embeddings_layout.EmbeddingsLayoutError as exc:
         raise SystemExit(f"daco build: --embeddings {exc}") from None
     untrained = supplied.get("untrained", False) or resolved.pretrained is None
-    _step("checking the MLLM and its layers")
-    try:
-        mllm_info = activations.check_model(cfg.mllm)
-    except ValueError as exc:  # a layer the model lacks, a token cap above its context: one line
-        raise SystemExit(f"daco build: mllm: {exc}") from None
 
     outdir.mark_incomplete(out, "daco build")
     _step("phase 1/3: concepts")
