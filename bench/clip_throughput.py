@@ -55,7 +55,7 @@ def _checkpoint(model_name: str) -> Path:
     """The seeded random weights of ``model_name`` as a checkpoint file both libraries load."""
     import torch
 
-    from transforms.embed import ClipConfig, load_clip
+    from transforms.clip_model import ClipConfig, load_clip
 
     path = CACHE / f"{model_name}-seed0.pt"
     if not path.exists():
@@ -150,7 +150,7 @@ def _agreement(ours: Path, theirs: Path) -> float:
     import numpy as np
     import pyarrow.parquet as pq
 
-    from transforms.embed import read_embeddings
+    from transforms.embeddings_layout import read_embeddings
 
     img, _, meta = read_embeddings(str(ours / "embeddings"))
     row = {k: i for i, k in enumerate(meta.column("key").to_pylist())}
@@ -184,7 +184,7 @@ def main(argv=None) -> int:
 
     from common import median, write_result
     from pipeline.runner import quiet_beam_logging
-    from transforms.embed import ClipConfig, load_clip
+    from transforms.clip_model import ClipConfig, load_clip
     from transforms.shards import iter_records
 
     quiet_beam_logging()

@@ -15,7 +15,7 @@ Figures (each printed as it is measured; ``bench/results/gpu_check.json`` is rew
    ``torch.utils.flop_counter`` on the stopped forward over the time, against the H200's
    dense bf16 peak of 989.4 TFLOP/s (NVIDIA H200 datasheet: 1,979 TFLOP/s with 2:4
    sparsity) and against the bf16 matmul rate measured in the same run.
-2. ``clip``: untrained CLIP ViT-L-14 pairs/s through ``transforms.embed``: the bare forward
+2. ``clip``: untrained CLIP ViT-L-14 pairs/s through ``transforms.clip_model`` and ``transforms.embed``: the bare forward
    (``LoadedClip.embed_pairs`` on prepared batches) against the whole Beam stage
    (``ComputeEmbeddings`` on the local runner, bench/clip_throughput.py's timing; model
    load reported apart). Beam's wheels fit the carry, so the stage runs through Beam.
@@ -459,7 +459,7 @@ def figure_clip(shapes: Shapes, seed: int = 0) -> dict:
     from PIL import Image
 
     from clip_throughput import _time_bare, _time_beam
-    from transforms.embed import ClipConfig, load_clip
+    from transforms.clip_model import ClipConfig, load_clip
 
     batch = shapes.clip_batch or preset()["clip"]["batch_size"]
     cfg = ClipConfig(model_name=shapes.clip_model, pretrained=None, allow_untrained=True, batch_size=batch,

@@ -2,17 +2,20 @@
 
 Phases (each a Beam pipeline on the chosen runner, except the corpus step):
 
-1. concepts: WordNet -> ``OUT/concepts.parquet`` (transforms/concepts.py);
+1. concepts: WordNet -> ``OUT/concepts.parquet`` (:func:`concepts_graph`);
 2. corpus (only without ``--shards``): the embedded corpus drawn for those concepts,
    written by the real img2dataset from a loopback server into ``OUT/corpus/shards``;
-3. concept text embeddings with the CLIP model (``OUT/concept_embeddings.npy``);
-4. the main graph: shards -> CLIP embeddings (skipped when ``--embeddings`` points at a
-   clip-retrieval folder) -> retrieval -> stimuli -> MLLM activations -> directions ->
-   ``OUT/dictionary/``; then ``metadata.json`` and the dataset card ``README.md``.
+3. the main graph (:func:`main_graph`): shards -> CLIP embeddings (skipped when
+   ``--embeddings`` points at a clip-retrieval folder) and concept text embeddings
+   (``OUT/concept_embeddings.npy``) -> retrieval -> stimuli -> MLLM activations -> directions
+   -> ``OUT/dictionary/``; then ``metadata.json`` and the dataset card ``README.md``.
 
-Retrieval needs every concept's text embedding as one array, and the corpus must be
-drawn for the selected concepts, so phases 1-3 run before the main graph is built.
-Everything a stage needs is checked (config, shards, model, layers) before phase 1.
+The graphs are assembled here once: ``daco concepts`` runs :func:`concepts_graph`, ``daco
+retrieve`` runs :func:`stimuli_graph` (the front of the main graph), and the Dataflow plan
+(pipeline/dataflow.py) describes :func:`concepts_graph` and :func:`main_graph`. The corpus
+must be drawn for the selected concepts, so phases 1-2 run before the main graph is built.
+Everything a stage needs is checked (config, shards, embeddings against the CLIP, model,
+layers) before phase 1.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ from importlib import resources
 
 from pipeline.config import load_config_file, section
 from pipeline.runner import print_summary, run_pipeline
-from transforms import activations, concepts, directions, embed, fileio, outdir, retrieve, shards
+from transforms import (
+    activations, clip_model, concepts, directions, embed, embeddings_layout, fileio, outdir, retrieve, shards,
+)
 from transforms.config import StageConfig
 from transforms.counters import Reconciliation
 
@@ -53,14 +58,14 @@ class BuildConfig:
 
     concepts: concepts.ConceptsConfig
     corpus: CorpusConfig
-    clip: embed.ClipConfig
+    clip: clip_model.ClipConfig
     retrieve: retrieve.RetrieveConfig
     mllm: activations.MLLMConfig
     source: str = "preset:default"
     extra: dict = field(default_factory=dict)
 
 
-SECTIONS = {"concepts": concepts.ConceptsConfig, "corpus": CorpusConfig, "clip": embed.ClipConfig,
+SECTIONS = {"concepts": concepts.ConceptsConfig, "corpus": CorpusConfig, "clip": clip_model.ClipConfig,
             "retrieve": retrieve.RetrieveConfig, "mllm": activations.MLLMConfig}
 
 
@@ -108,19 +113,58 @@ def _read_stimuli(path: str):
     yield from fileio.read_parquet(path).to_pylist()
 
 
+def concepts_graph(p, *, out: str, cfg: concepts.ConceptsConfig):
+    """Phase 1 (and ``daco concepts``): WordNet -> ``OUT/concepts.parquet``."""
+    return p | "SelectConcepts" >> concepts.SelectConcepts(cfg) | "WriteConcepts" >> concepts.WriteConcepts(out, cfg)
+
+
+def stimuli_provenance(clip: clip_model.ClipConfig, resolved: clip_model.ClipConfig, untrained: bool,
+                       cfg: retrieve.RetrieveConfig) -> dict:
+    """What every stimuli part records in its schema metadata: the CLIP, ``untrained``, the retrieve options."""
+    return {"clip": {"model_name": clip.model_name, "weights": embeddings_layout.weights_label(resolved)},
+            "untrained": bool(untrained), "retrieve": dataclasses.asdict(cfg)}
+
+
+def stimuli_graph(p, *, out: str, records, emb_dir: str, concepts_path: str | None, concept_ids: list[str],
+                  clip: clip_model.ClipConfig, cfg: retrieve.RetrieveConfig, untrained: bool | None = None,
+                  ranks: list[int] | None = None, target: int | None = None, concept_emb_path: str | None = None):
+    """Records (or None when ``emb_dir`` already holds embeddings) -> CLIP embeddings, and the
+    concepts of ``concepts_path`` -> their text embeddings (``OUT/concept_embeddings.npy``;
+    a given ``concept_emb_path`` is read instead) -> ``OUT/stimuli/``; returns the stimuli
+    paths. ``untrained`` (default: the resolved CLIP has no weights) goes into the provenance."""
+    import apache_beam as beam
+
+    embeds_concepts = concept_emb_path is None
+    resolved = clip_model.resolve_clip_config(clip) if embeds_concepts or records is not None else clip
+    ready = []
+    if embeds_concepts:
+        concept_emb_path = fileio.join(out, "concept_embeddings.npy")
+        ready.append(p | "EmbedConcepts" >> retrieve.EmbedConcepts(concepts_path, concept_emb_path, resolved))
+    if records is not None:
+        ready.append(records | "ComputeEmbeddings" >> embed.ComputeEmbeddings(out, clip))
+    after = tuple(ready) | "EmbeddingsWritten" >> beam.Flatten() if ready else None
+    untrained = resolved.pretrained is None if untrained is None else untrained
+    return p | "RetrieveStimuli" >> retrieve.RetrieveStimuli(
+        out, emb_dir, concept_emb_path, concept_ids, cfg, after=after,
+        provenance=stimuli_provenance(clip, resolved, untrained, cfg), ranks=ranks, target=target)
+
+
 def main_graph(p, *, out: str, shards_pattern: str, emb_dir: str, compute_embeddings: bool,
-               concept_emb_path: str, concept_ids: list[str], cfg: BuildConfig,
-               ranks: list[int] | None = None, target: int | None = None) -> None:
-    """The main Beam graph: shards -> CLIP embeddings (unless given) -> retrieval -> stimuli
-    -> MLLM activations -> directions -> ``OUT/dictionary/``."""
+               concept_ids: list[str], cfg: BuildConfig, concepts_path: str | None = None,
+               concept_emb_path: str | None = None, ranks: list[int] | None = None, target: int | None = None,
+               untrained: bool | None = None, list_shards=shards.match_shards) -> None:
+    """The main Beam graph: shards (``shards_pattern`` listed by ``list_shards``) -> CLIP
+    embeddings (unless given) -> retrieval (:func:`stimuli_graph`) -> MLLM activations ->
+    directions -> ``OUT/dictionary/``."""
     import apache_beam as beam
 
     from transforms.write import WriteDictionary
 
-    records = p | "ReadShards" >> shards.ReadShards(shards_pattern, out)
-    after = records | "ComputeEmbeddings" >> embed.ComputeEmbeddings(out, cfg.clip) if compute_embeddings else None
-    stimuli_paths = p | "RetrieveStimuli" >> retrieve.RetrieveStimuli(
-        out, emb_dir, concept_emb_path, concept_ids, cfg.retrieve, after=after, ranks=ranks, target=target)
+    records = p | "ReadShards" >> shards.ReadShards(shards_pattern, out, list_shards)
+    stimuli_paths = stimuli_graph(p, out=out, records=records if compute_embeddings else None, emb_dir=emb_dir,
+                                  concepts_path=concepts_path, concept_ids=concept_ids, clip=cfg.clip,
+                                  cfg=cfg.retrieve, untrained=untrained, ranks=ranks, target=target,
+                                  concept_emb_path=concept_emb_path)
     stimuli = stimuli_paths | "ReadStimuli" >> beam.FlatMap(_read_stimuli)
     vectors = {"records": records, "stimuli": stimuli} | "Activations" >> activations.ComputeActivations(out, cfg.mllm)
     vectors | "Directions" >> directions.ComputeDirections(out) | "WriteDictionary" >> WriteDictionary(out)
@@ -171,45 +215,43 @@ def _run_phases(cfg: BuildConfig, out: str, shards_pattern: str | None, embeddin
     find_wordnet(cfg.concepts.wordnet_dir)
     if shards_pattern:
         shards.match_shards(shards_pattern)
-    if embeddings_dir and not embed.embeddings_exist(embeddings_dir):
-        raise SystemExit(f"--embeddings {embeddings_dir}: no clip-retrieval layout there "
-                         "(img_emb/, text_emb/, metadata/); drop the option to compute embeddings")
     _step("checking the MLLM and its layers")
     try:
         mllm_info = activations.check_model(cfg.mllm)
     except ValueError as exc:  # a layer the model lacks, a token cap above its context: one line
         raise SystemExit(f"daco build: mllm: {exc}") from None
-    clip = embed.load_clip(cfg.clip)
+    try:
+        resolved = clip_model.resolve_clip_config(cfg.clip)
+    except clip_model.ClipLoadError as exc:
+        raise SystemExit(f"daco build: {exc}") from None
+    try:
+        supplied = embeddings_layout.check_matches_clip(embeddings_dir, cfg.clip, resolved) if embeddings_dir else {}
+    except embeddings_layout.EmbeddingsLayoutError as exc:
+        raise SystemExit(f"daco build: --embeddings {exc}") from None
+    untrained = supplied.get("untrained", False) or resolved.pretrained is None
 
     outdir.mark_incomplete(out, "daco build")
-    _step("phase 1/4: concepts")
-    counters = run_pipeline(
-        lambda p: p | "SelectConcepts" >> concepts.SelectConcepts(cfg.concepts)
-        | "WriteConcepts" >> concepts.WriteConcepts(out, cfg.concepts), beam_args)
+    _step("phase 1/3: concepts")
+    counters = run_pipeline(functools.partial(concepts_graph, out=out, cfg=cfg.concepts), beam_args)
     concepts_path = fileio.join(out, "concepts.parquet")
 
     if not shards_pattern:
-        _step(f"phase 2/4: embedded corpus ({cfg.corpus.n} pairs, img2dataset over 127.0.0.1)")
+        _step(f"phase 2/3: embedded corpus ({cfg.corpus.n} pairs, img2dataset over 127.0.0.1)")
         shards_pattern = _build_corpus(cfg, out, concepts_path)
 
-    _step("phase 3/4: concept text embeddings")
-    table = fileio.read_parquet(concepts_path)
-    concept_ids, ranks, target = retrieve.concept_pool(table)
-    concept_emb = embed.embed_concepts(table, clip)
-    emb_path = fileio.join(out, "concept_embeddings.npy")
-    fileio.write_npy_atomic(emb_path, concept_emb)
-
-    _step("phase 4/4: shards -> embeddings -> retrieval -> activations -> directions")
+    _step("phase 3/3: shards -> embeddings -> retrieval -> activations -> directions")
+    concept_ids, ranks, target = retrieve.concept_pool(fileio.read_parquet(concepts_path))
     emb_dir = embeddings_dir or fileio.join(out, "embeddings")
 
     graph = functools.partial(main_graph, out=out, shards_pattern=shards_pattern, emb_dir=emb_dir,
-                              compute_embeddings=not embeddings_dir, concept_emb_path=emb_path,
-                              concept_ids=concept_ids, ranks=ranks, target=target, cfg=cfg)
+                              compute_embeddings=not embeddings_dir, concepts_path=concepts_path,
+                              concept_ids=concept_ids, ranks=ranks, target=target, untrained=untrained, cfg=cfg)
     for key, value in run_pipeline(graph, beam_args).items():
         counters[key] = counters.get(key, 0) + value
 
     clip_record = {"id": f"{cfg.clip.model_name}/{cfg.clip.pretrained or 'untrained'}",
-                   "untrained": clip.untrained, "embed_dim": clip.embed_dim, "seed": cfg.clip.seed}
+                   "untrained": resolved.pretrained is None,
+                   "embed_dim": int(clip_model.model_config(cfg.clip)["embed_dim"]), "seed": cfg.clip.seed}
     metadata = write_metadata(out, {
         "models": {"clip": clip_record, "mllm": {"id": mllm_info["model_id"], **mllm_info}},
         "layers": mllm_info["layers"], "pooling": cfg.mllm.pooling, "prompt_template": cfg.mllm.prompt_template,

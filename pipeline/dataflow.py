@@ -8,11 +8,11 @@ exists in the chosen region (:data:`GPU_REGIONS`). Every failure is a
 dataflow/README.md.
 
 :func:`write_plan` writes what the Dataflow service would receive, without network or
-credentials: each Beam job of the build (phase 1, the concepts graph; phase 4, the main
-graph) prepared the way ``DataflowRunner.run_pipeline`` prepares it (Beam 2.77: its
+credentials: each Beam job of the build (phase 1, the concepts graph; phase 3, the main
+graph) prepared by Beam's ``DataflowRunner.run_pipeline`` itself in its dry-run mode (its
 Dataflow graph rewrites, the default Docker environment from ``--sdk_container_image``
-with the pipeline-wide resource hints, ``Pipeline.to_runner_api``, environments resolved
-to Docker and merged, ``pack_combiners`` + ``sort_stages``) and serialised as the runner
+with the pipeline-wide resource hints, environments resolved to Docker and merged,
+``pack_combiners`` + ``sort_stages``; it stops before submitting) and serialised as the runner
 API proto in JSON, next to the pipeline options and a per-transform summary of
 environments and accelerator hints. What the plan cannot know offline is data: the
 concept list (phase 1's output; the main graph is planned with an empty list, which
@@ -23,7 +23,6 @@ the brace expansion of ``--shards``; listing a bucket needs credentials).
 from __future__ import annotations
 
 import base64
-import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -31,6 +30,9 @@ from dataclasses import dataclass
 DATAFLOW_RUNNERS = {"DataflowRunner", "dataflow", "Dataflow"}
 ACCELERATOR_URN = "beam:resources:accelerator:v1"
 PLAN_FORMAT = "daco-dataflow-plan/1"
+# Options Beam's Dataflow job sets per submission (a default job name from user and time; the
+# temp and staging folders with that name and time appended): the plan keeps them as given.
+PER_SUBMISSION_OPTIONS = ("job_name", "temp_location", "staging_location")
 
 # Regions offering each GPU type to Compute Engine (so to Dataflow workers), from
 # https://cloud.google.com/compute/docs/gpus/gpu-regions-zones. A subset: regions are added
@@ -83,7 +85,10 @@ MESSAGES = {
     "workers_local": "--workers sets local worker processes; on Dataflow use --max_num_workers N",
     "plan_runner": "--dataflow-plan describes a Dataflow job: add --runner DataflowRunner",
     "plan_weights": "the plan resolves the CLIP weights as the launch does, from the local cache only (no "
-                    "network): {detail} Or plan with --embeddings gs://... (the CLIP stage is then skipped)",
+                    "network): {detail} (the CLIP is needed even with --embeddings: the main job embeds the "
+                    "concepts with it)",
+    "plan_gcp": "the Dataflow plan is prepared by Beam's DataflowRunner, which needs apache-beam[gcp]: "
+                "pip install 'daco400k[gcp]'",
     "plan_glob": "--shards {value!r}: the offline plan cannot list a bucket (that needs credentials); give "
                  "the shards as a brace range of .tar names, e.g. gs://BUCKET/cc3m/{{00000..00331}}.tar",
 }
@@ -213,41 +218,17 @@ def _hint_values(hints) -> dict[str, str]:
 
 
 def prepare_proto(pipeline, options):
-    """The runner API proto DataflowRunner (Beam 2.77, ``run_pipeline``) submits for ``pipeline``,
-    built the same way up to the point where it calls the Dataflow API."""
-    from apache_beam.options.pipeline_options import DebugOptions, TypeOptions, WorkerOptions
-    from apache_beam.portability import common_urns
-    from apache_beam.runners.dataflow.dataflow_runner import DataflowRunner, _check_and_add_missing_options
-    from apache_beam.runners.pipeline_utils import merge_common_environments, merge_superset_dep_environments
-    from apache_beam.runners.portability.fn_api_runner import translations
-    from apache_beam.transforms import environments
+    """The runner API proto Dataflow would receive for ``pipeline``: Beam's own
+    ``DataflowRunner.run_pipeline`` prepares it (Dataflow graph rewrites, Docker environments
+    with the resource hints, ``pack_combiners`` + ``sort_stages``) and, with ``--dry_run=True``
+    in ``options`` (:func:`_job` sets it), returns before any client is made or anything is
+    staged or submitted; its result carries the prepared job."""
+    from apache_beam.runners.dataflow.dataflow_runner import DataflowRunner
 
-    runner = DataflowRunner()
-    _check_and_add_missing_options(options)
-    pipeline.visit(runner.combinefn_visitor())
-    pipeline.visit(runner.side_input_visitor(
-        deterministic_key_coders=not options.view_as(TypeOptions).allow_non_deterministic_key_coders))
-    pipeline.replace_all(DataflowRunner._PTRANSFORM_OVERRIDES)
-    from apache_beam.runners.dataflow.ptransform_overrides import get_dataflow_transform_overrides
-
-    overrides = get_dataflow_transform_overrides(options)
-    if overrides:
-        pipeline.replace_all(overrides)
-    default_env = environments.DockerEnvironment.from_container_image(
-        options.view_as(WorkerOptions).sdk_container_image,
-        artifacts=environments.python_sdk_dependencies(options),
-        resource_hints=environments.resource_hints_from_options(options))
-    runner._adjust_pipeline_for_dataflow_v2(pipeline)
-    proto = pipeline.to_runner_api(default_environment=default_env)
-    for env_id, env in proto.components.environments.items():
-        proto.components.environments[env_id].CopyFrom(
-            environments.resolve_anyof_environment(env, common_urns.environments.DOCKER.urn))
-    proto = merge_common_environments(merge_superset_dep_environments(proto))
-    if options.view_as(DebugOptions).lookup_experiment("pre_optimize", "default").lower() in ("default", "all"):
-        proto = translations.optimize_pipeline(
-            proto, phases=[translations.pack_combiners, translations.sort_stages],
-            known_runner_urns=frozenset(), partial=True)
-    return proto
+    try:
+        return DataflowRunner().run_pipeline(pipeline, options).job.proto_pipeline
+    except ImportError as exc:  # Beam's "Google Cloud Dataflow runner not available"
+        raise DataflowOptionsError("plan_gcp") from exc
 
 
 def summarise(proto) -> dict:
@@ -269,46 +250,39 @@ def summarise(proto) -> dict:
     return {"environments": envs, "transforms": dict(sorted(transforms.items()))}
 
 
-@contextlib.contextmanager
-def _shards_from_pattern():
-    """While planning, shard patterns resolve to their brace expansion instead of a bucket listing."""
+def brace_listing(pattern: str | list[str]) -> list[str]:
+    """The plan's shard listing (``list_shards`` of the main graph): the brace expansion of the
+    pattern, sorted, instead of a bucket listing (which needs credentials); a glob or a
+    non-.tar name is a :class:`DataflowOptionsError`."""
     from braceexpand import braceexpand
 
     from transforms import shards
 
-    listing = shards.match_shards
+    patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+    found = sorted({p for given in patterns for p in braceexpand(given)})
+    bad = [p for p in found if shards._GLOB_CHARS.search(p) or not p.endswith(".tar")]
+    if bad:
+        raise DataflowOptionsError("plan_glob", value=bad[0])
+    return found
 
-    def expand(pattern):
-        patterns = [pattern] if isinstance(pattern, str) else list(pattern)
-        found = sorted({p for given in patterns for p in braceexpand(given)})
-        bad = [p for p in found if shards._GLOB_CHARS.search(p) or not p.endswith(".tar")]
-        if bad:
-            raise DataflowOptionsError("plan_glob", value=bad[0])
-        return found
 
-    shards.match_shards = expand
+def _offline_clip(clip):
+    """The CLIP config the plan builds its graph with: the weights are resolved from the local
+    cache only (no network); when they are missing and random weights are allowed, the graph
+    gets the resolved config (no weights to look up), as the launch's workers would."""
+    from transforms import clip_model
+
     try:
-        yield
-    finally:
-        shards.match_shards = listing
-
-
-@contextlib.contextmanager
-def _no_downloads():
-    """While planning, model weights are looked up in the local cache only (no network)."""
-    from huggingface_hub import constants
-
-    offline = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = offline
+        resolved = clip_model.resolve_clip_config(clip.replace(download=False))
+    except clip_model.ClipLoadError as exc:
+        raise DataflowOptionsError("plan_weights", detail=str(exc)) from None
+    return clip if resolved.pretrained else resolved.replace(download=clip.download)
 
 
 def _job(name: str, build, beam_args: list[str]) -> tuple[dict, object]:
     """One planned job (summary + proto as JSON) and the options as DataflowRunner leaves them."""
     import apache_beam as beam
+    from apache_beam.options.pipeline_options import GoogleCloudOptions
     from google.protobuf import json_format
 
     from pipeline.runner import pipeline_options
@@ -316,65 +290,35 @@ def _job(name: str, build, beam_args: list[str]) -> tuple[dict, object]:
     options = pipeline_options([*beam_args, "--dry_run=True"])  # Beam's option checks then stay offline
     pipeline = beam.Pipeline(runner="DataflowRunner", options=options)
     build(pipeline)
+    gcp = options.view_as(GoogleCloudOptions)
+    given = {option: getattr(gcp, option) for option in PER_SUBMISSION_OPTIONS}
     proto = prepare_proto(pipeline, options)
+    for option, value in given.items():  # the plan records what was given, not one submission's names
+        setattr(gcp, option, value)
     return {"name": name, **summarise(proto),
             "pipeline": json_format.MessageToDict(proto, preserving_proto_field_name=True)}, options
-
-
-def _offline_gcs_paths() -> None:
-    """Let gs:// paths be joined and split while planning where apache-beam[gcp] is not
-    installed (as here); any real Cloud Storage access raises. A no-op when Beam has a gs filesystem."""
-    from apache_beam.io.filesystem import FileSystem
-
-    if any(fs.scheme() == "gs" for fs in FileSystem.get_all_subclasses()):
-        return
-
-    def join(self, basepath, *paths):  # as GCSFileSystem.join
-        for part in paths:
-            basepath = basepath + part if basepath.endswith("/") else f"{basepath}/{part}"
-        return basepath
-
-    def split(self, path):  # as GCSFileSystem.split
-        path = path.strip()
-        last = path.rfind("/", len("gs://"))
-        return (path[:last], path[last + 1:]) if last > 0 else (path, "")
-
-    def refuse(self, *args, **kwargs):
-        raise RuntimeError("the offline Dataflow plan does not access Cloud Storage "
-                           f"(a stage touched {args[0] if args else 'gs://'} while the graph was built)")
-
-    methods = {name: refuse for name in FileSystem.__abstractmethods__}
-    methods.update(join=join, split=split, scheme=classmethod(lambda cls: "gs"),
-                   __doc__="gs:// path arithmetic for the offline plan; no storage access.")
-    global _OFFLINE_GCS  # Beam finds filesystems among live subclasses: keep this one alive
-    _OFFLINE_GCS = type("OfflinePlanGCSPaths", (FileSystem,), methods)
-
-
-_OFFLINE_GCS = None
 
 
 def plan(launch: Launch) -> dict:
     """The plan of a validated launch: the options and both Beam jobs (see the module docstring)."""
     import functools
 
+    import dataclasses
+
     from pipeline import build
-    from transforms import concepts, embed, fileio
+    from transforms import fileio
 
     validate(launch)
-    _offline_gcs_paths()
     cfg, out = launch.cfg, launch.out
-    with _shards_from_pattern(), _no_downloads():
-        shards_paths = build.shards.match_shards(launch.shards)
-        concepts_job, _ = _job("concepts", lambda p: p | "SelectConcepts" >> concepts.SelectConcepts(cfg.concepts)
-                            | "WriteConcepts" >> concepts.WriteConcepts(out, cfg.concepts), launch.beam_args)
-        main = functools.partial(
-            build.main_graph, out=out, shards_pattern=launch.shards,
-            emb_dir=launch.embeddings or fileio.join(out, "embeddings"), compute_embeddings=not launch.embeddings,
-            concept_emb_path=fileio.join(out, "concept_embeddings.npy"), concept_ids=[], cfg=cfg)
-        try:
-            main_job, options = _job("main", main, launch.beam_args)
-        except embed.ClipLoadError as exc:
-            raise DataflowOptionsError("plan_weights", detail=str(exc)) from None
+    shards_paths = brace_listing(launch.shards)
+    concepts_job, _ = _job("concepts", functools.partial(build.concepts_graph, out=out, cfg=cfg.concepts),
+                           launch.beam_args)
+    main = functools.partial(
+        build.main_graph, out=out, shards_pattern=launch.shards,
+        emb_dir=launch.embeddings or fileio.join(out, "embeddings"), compute_embeddings=not launch.embeddings,
+        concepts_path=fileio.join(out, "concepts.parquet"), concept_ids=[],
+        cfg=dataclasses.replace(cfg, clip=_offline_clip(cfg.clip)), list_shards=brace_listing)
+    main_job, options = _job("main", main, launch.beam_args)
     return {
         "format": PLAN_FORMAT,
         "runner": "DataflowRunner",
@@ -386,8 +330,8 @@ def plan(launch: Launch) -> dict:
         "phases": {
             "1": "job 'concepts' (on Dataflow): WordNet -> OUT/concepts.parquet",
             "2": "skipped: --shards is required on Dataflow",
-            "3": "on the launcher: CLIP text embeddings of the concepts -> OUT/concept_embeddings.npy",
-            "4": "job 'main' (on Dataflow): shards -> embeddings -> retrieval -> activations -> directions",
+            "3": "job 'main' (on Dataflow): shards -> embeddings, concepts -> OUT/concept_embeddings.npy; "
+                 "-> retrieval -> activations -> directions",
         },
         "not_known_offline": {
             "concept_ids": "phase 1's output; the main job is planned with an empty concept list (one Create "

@@ -45,10 +45,10 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from steering.dictionary import closest_names_error
 from transforms import fileio
+from transforms.output_folder import FolderUnreadable, open_folder, read_metadata, read_table
 
 #: Thumbnails per concept and role (positives, negatives), the best ranks first.
 MAX_PER_ROLE = 6
@@ -91,7 +91,7 @@ figure img,.nothumb{width:%dpx;height:%dpx;object-fit:contain;background:#eee;di
 """
 
 
-class ReportError(ValueError):
+class ReportError(FolderUnreadable):
     """An output folder or option the report cannot use (names the file or option and the fix)."""
 
 
@@ -129,24 +129,17 @@ class _Folder:
 # --------------------------------------------------------------------------- reading
 
 def _read_folder(out_dir: Path, source: str) -> _Folder:
-    meta_path, concepts_path = out_dir / "metadata.json", out_dir / "concepts.parquet"
-    if not out_dir.is_dir():
-        raise ReportError(f"{out_dir}: not a directory; pass the output folder of `daco build`")
-    for path in (meta_path, concepts_path):
-        if not path.is_file():
-            raise ReportError(f"{path}: missing; run `daco build --out {out_dir}` first")
-    try:
-        metadata = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ReportError(f"{meta_path}: not valid JSON ({exc}); re-run `daco build`") from None
-    concepts = {r["concept_id"]: r for r in _read_table(concepts_path).to_pylist()}
+    metadata, concepts_path = read_metadata(out_dir), out_dir / "concepts.parquet"
+    if not concepts_path.is_file():
+        raise ReportError(f"{concepts_path}: missing; run `daco build --out {out_dir}` first")
+    concepts = {r["concept_id"]: r for r in read_table(concepts_path).to_pylist()}
     evidence_path = out_dir / "retrieve_evidence.parquet"  # each concept's retrieval evidence (docs/concepts.md)
     if evidence_path.is_file():
-        for row in _read_table(evidence_path).to_pylist():
+        for row in read_table(evidence_path).to_pylist():
             concepts.setdefault(row["concept_id"], {"concept_id": row["concept_id"]})["evidence"] = row
     layer_files = {}
     for path in sorted((out_dir / "dictionary").glob("*.parquet")):
-        for layer in set(_read_table(path, columns=["layer"]).column("layer").to_pylist()):
+        for layer in set(read_table(path, columns=["layer"]).column("layer").to_pylist()):
             if layer in layer_files:
                 raise ReportError(f"{path}: layer {layer} also appears in {layer_files[layer]}; "
                                   "one file per layer is expected (transforms.write.WriteDictionary)")
@@ -156,17 +149,9 @@ def _read_folder(out_dir: Path, source: str) -> _Folder:
     return _Folder(out_dir, source, metadata, concepts, layer_files)
 
 
-def _read_table(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
-    """A parquet table; a damaged file is a ReportError naming it."""
-    try:
-        return pq.read_table(path, columns=columns)
-    except (pa.ArrowException, OSError) as exc:
-        raise ReportError(f"{path}: not a readable parquet file ({exc}); re-run `daco build`") from None
-
-
 def _read_layer(path: Path, layer: int) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(concept_ids, directions float32 [n, d], norms) of ``layer`` in one dictionary file."""
-    table = _read_table(path, columns=["concept_id", "layer", "direction", "norm"])
+    table = read_table(path, columns=["concept_id", "layer", "direction", "norm"])
     table = table.filter(np.asarray(table.column("layer").to_numpy()) == layer)
     column = table.column("direction").combine_chunks()
     if not pa.types.is_fixed_size_list(column.type):
@@ -184,7 +169,7 @@ def _read_layer(path: Path, layer: int) -> tuple[list[str], np.ndarray, np.ndarr
 def _read_stimuli(out_dir: Path) -> list[dict]:
     rows = []
     for path in sorted((out_dir / "stimuli").glob("*.parquet")):
-        rows += _read_table(path).to_pylist()
+        rows += read_table(path).to_pylist()
     return rows
 
 
@@ -628,15 +613,11 @@ def make_report(out_dir: str | Path, concept_ids: Sequence[str] | None = None, l
     read into a temporary local copy (:data:`REPORT_INPUTS`), and the report and card are
     copied back.
     """
-    out = str(out_dir)
-    if not fileio.is_remote(out):
-        return _make_report(Path(out), out, concept_ids, layer, update_card)
-    out = out.rstrip("/")
-    with fileio.local_folder(out, REPORT_INPUTS) as local:
-        try:
-            report = _make_report(local, out, concept_ids, layer, update_card)
-        except ReportError as exc:
-            raise ReportError(str(exc).replace(str(local), out)) from None
+    out = str(out_dir).rstrip("/") or "/"
+    with open_folder(out, REPORT_INPUTS, ReportError) as local:
+        report = _make_report(local, out, concept_ids, layer, update_card)
+        if not fileio.is_remote(out):
+            return report
         fileio.upload_tree(local / "report", fileio.join(out, "report"))
         if update_card:
             fileio.write_bytes_atomic(fileio.join(out, "README.md"), (local / "README.md").read_bytes())

@@ -20,7 +20,7 @@ from pipeline.build import BuildConfig, CorpusConfig, main_graph
 from pipeline.runner import run_pipeline
 from steering import load_dictionary
 from steering.models.base import LoadedModel, ModelAdapter
-from transforms import embed, fileio
+from transforms import clip_model, embeddings_layout, fileio
 from transforms.activations import MLLMConfig
 from transforms.concepts import ConceptsConfig
 from transforms.retrieve import RetrieveConfig
@@ -127,7 +127,7 @@ def test_planted_directions_are_recovered_through_the_whole_graph(small_corpus, 
         with Image.open(io.BytesIO(jpg)) as im:
             pixels[_pixel_hash(im)] = t["image_concept_id"]
     for shard, rows in rows_by_shard.items():
-        embed.write_file_set(emb_dir, shard, rows)
+        embeddings_layout.write_file_set(emb_dir, shard, rows)
     concept_emb = str(tmp_path / "concept_emb.npy")
     fileio.write_npy_atomic(concept_emb, clip_vectors.astype(np.float32))
 
@@ -146,7 +146,7 @@ def test_planted_directions_are_recovered_through_the_whole_graph(small_corpus, 
     monkeypatch.setitem(models.REGISTRY, "planted", PlantedAdapter)
 
     cfg = BuildConfig(
-        concepts=ConceptsConfig(), corpus=CorpusConfig(), clip=embed.ClipConfig(),
+        concepts=ConceptsConfig(), corpus=CorpusConfig(), clip=clip_model.ClipConfig(),
         retrieve=RetrieveConfig.from_dict({"k": 3, "n_negatives": 48, "negative_quantile": 0.9, "min_positives": 2}),
         mllm=MLLMConfig.from_dict({"family": "planted", "layers": list(LAYERS), "batch_size": 4}),
     )
@@ -224,3 +224,29 @@ def test_pretrained_model_is_checked_from_its_config_without_loading_weights(tmp
     assert (info["model_class"], info["num_layers"], info["hidden_size"]) == ("Qwen2VLForConditionalGeneration", 4, 64)
     with pytest.raises(ValueError, match="it has 4 decoder layers"):
         check_model(MLLMConfig.from_dict({"model_id": str(tmp_path), "layers": [1, 9]}))
+
+
+def test_build_checks_supplied_embeddings_against_the_clip_before_any_work(tmp_path):
+    """``daco build --embeddings`` fails before phase 1 when the folder's dimension or its
+    embeddings.json's weights are not the configured CLIP's, naming the file and the fix."""
+    import json
+
+    from pipeline.cli import main as daco
+    from conftest import TINY_BUILD
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY_BUILD))
+    vec = lambda d: np.eye(2, d, dtype=np.float16)  # noqa: E731
+    wide, other = str(tmp_path / "wide"), str(tmp_path / "other")
+    rows = lambda d: [(f"0000{i}", "a caption", "", "0" * 64, vec(d)[i], vec(d)[i]) for i in range(2)]  # noqa: E731
+    embeddings_layout.write_file_set(wide, "00000", rows(32))
+    embeddings_layout.write_file_set(other, "00000", rows(64))
+    (tmp_path / "other" / "embeddings.json").write_text(json.dumps({"model_name": "daco-tiny-clip", "weights": "random (seed 7)"}))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=r"--embeddings .*wide has dimension 32 but CLIP daco-tiny-clip embeds concepts in 64"):
+        daco(["build", "--config", str(config), "--embeddings", wide, "--out", str(out)])
+    with pytest.raises(SystemExit, match=r"other/embeddings.json: the embeddings were made with daco-tiny-clip "
+                                         r"\(random \(seed 7\)\) but concepts would be embedded with daco-tiny-clip "
+                                         r"\(random \(seed 0\)\): configure the same CLIP"):
+        daco(["build", "--config", str(config), "--embeddings", other, "--out", str(out)])
+    assert not (out / "concepts.parquet").exists()

@@ -10,7 +10,7 @@ from pipeline import dataflow
 from pipeline.build import load_build_config
 from pipeline.cli import main as daco
 from transforms.activations import MLLMConfig
-from transforms.embed import ClipConfig
+from transforms.clip_model import ClipConfig
 
 IMAGE = "us-central1-docker.pkg.dev/daco-project/daco/worker:2.77.0-cu124"
 HINT = "type:nvidia-l4;count:1;install-nvidia-driver"
@@ -121,3 +121,33 @@ def test_accelerator_is_a_model_stage_option_checked_where_it_is_read():
     for preset in ("cc3m-qwen2.5-vl-7b", "laion-llava-1.5-7b"):
         cfg = load_build_config(None, preset)
         assert cfg.clip.accelerator == cfg.mllm.accelerator == HINT, preset
+
+
+def test_plan_lists_shards_by_brace_expansion_passed_to_the_graph_not_patched_in():
+    """The plan's shard listing is an argument of the main graph (no module attribute swapped),
+    so transforms.shards.match_shards is the same function during and after planning."""
+    from transforms import shards
+
+    listing = shards.match_shards
+    assert dataflow.brace_listing("gs://b/cc3m/{00001..00003}.tar") == [f"gs://b/cc3m/0000{i}.tar" for i in (1, 2, 3)]
+    with pytest.raises(dataflow.DataflowOptionsError) as err:
+        dataflow.brace_listing("gs://b/cc3m/*.tar")
+    assert err.value.key == "plan_glob"
+    records = shards.ReadShards("gs://b/{00000..00001}.tar", "gs://b/out", dataflow.brace_listing)
+    assert records.paths == ["gs://b/00000.tar", "gs://b/00001.tar"] and shards.match_shards is listing
+
+
+def test_the_locked_beam_is_within_pyproject_bound():
+    """The plan is Beam's DataflowRunner dry run; pyproject bounds Beam to the versions it was
+    checked with, and the lock's Beam (the one these tests run) must be inside that bound."""
+    import tomllib
+
+    import apache_beam
+    from packaging.requirements import Requirement
+
+    root = Path(__file__).resolve().parent.parent
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    beam = next(Requirement(d) for d in deps if Requirement(d).name == "apache-beam")
+    locked = next(line.split("==")[1].split()[0] for line in (root / "requirements.lock").read_text().splitlines()
+                  if line.startswith("apache-beam=="))
+    assert apache_beam.__version__ == locked and beam.specifier.contains(locked), (beam, locked)

@@ -17,11 +17,10 @@ import torch
 from PIL import Image
 
 from pipeline.runner import run_pipeline
-from transforms.embed import (
-    DEMO_CLIP, RECONCILIATION, WRITE_RECONCILIATION, ClipConfig, ClipLoadError, ComputeEmbeddings,
-    EmbeddingsLayoutError, concept_prompts, embed_concepts, embeddings_exist, load_clip, read_embeddings,
-    resolve_clip_config,
-)
+from transforms.clip_model import DEMO_CLIP, ClipConfig, ClipLoadError, load_clip, resolve_clip_config
+from transforms.concept_prompts import concept_prompts, embed_concepts
+from transforms.embed import RECONCILIATION, WRITE_RECONCILIATION, ComputeEmbeddings
+from transforms.embeddings_layout import EmbeddingsLayoutError, embeddings_exist, read_embeddings
 
 CFG = DEMO_CLIP.replace(batch_size=4)
 
@@ -104,7 +103,8 @@ def test_model_and_untrained_flag_recorded(runs):
 
 
 def test_clip_model_is_named_as_clip_retrieval_back_expects():
-    from transforms.embed import ClipConfig, clip_retrieval_name
+    from transforms.clip_model import ClipConfig
+    from transforms.embeddings_layout import clip_retrieval_name
 
     tagged = ClipConfig(model_name="ViT-L-14", pretrained="laion2b_s32b_b82k")
     resolved = tagged.replace(pretrained="/cache/open_clip_pytorch_model.bin")

@@ -5,14 +5,14 @@ import pytest
 from pipeline.build import BuildConfig, CorpusConfig, main_graph
 from pipeline.cli import main as daco
 from pipeline.runner import local_worker_args, run_pipeline
-from transforms import embed, fileio
+from transforms import clip_model, fileio
 from transforms.activations import MLLMConfig
 from transforms.concepts import ConceptsConfig
 from transforms.retrieve import RetrieveConfig
 
 CFG = BuildConfig(
     concepts=ConceptsConfig(), corpus=CorpusConfig(),
-    clip=embed.ClipConfig(model_name="daco-tiny-clip", pretrained=None, allow_untrained=True, batch_size=16),
+    clip=clip_model.ClipConfig(model_name="daco-tiny-clip", pretrained=None, allow_untrained=True, batch_size=16),
     # min_evidence off: the random-weight CLIP finds no concept in the corpus (docs/concepts.md)
     retrieve=RetrieveConfig.from_dict({"k": 3, "n_negatives": 3, "min_positives": 2, "min_evidence": None}),
     mllm=MLLMConfig.from_dict({"family": "qwen2_vl", "untrained_size": {"num_hidden_layers": 3}, "layers": [1, 2],
@@ -35,14 +35,12 @@ def test_two_worker_processes_write_the_same_dictionary_bytes(small_corpus, tmp_
     """The main graph (shards -> CLIP -> retrieval -> MLLM -> directions) on the embedded corpus,
     once on one worker and once on two worker processes (what --workers 2 passes)."""
     concepts = fileio.read_parquet(str(small_corpus / "concepts.parquet"))
-    concept_emb = str(tmp_path / "concept_embeddings.npy")
-    fileio.write_npy_atomic(concept_emb, embed.embed_concepts(concepts, embed.load_clip(CFG.clip)))
     dictionaries = {}
     for workers in ("1", "2"):
         out = tmp_path / f"workers{workers}"
         counters = run_pipeline(lambda p: main_graph(
             p, out=str(out), shards_pattern=str(small_corpus / "shards" / "*.tar"),
-            emb_dir=str(out / "embeddings"), compute_embeddings=True, concept_emb_path=concept_emb,
+            emb_dir=str(out / "embeddings"), compute_embeddings=True, concepts_path=str(small_corpus / "concepts.parquet"),
             concept_ids=concepts.column("concept_id").to_pylist(), cfg=CFG), local_worker_args(workers))
         assert counters["directions.kept"] > 0 and counters["embed.embedded"] == 80
         dictionaries[workers] = {p.name: p.read_bytes() for p in sorted((out / "dictionary").glob("*.parquet"))}

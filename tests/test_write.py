@@ -98,3 +98,21 @@ def test_validation_accepts_the_good_folder_and_lists_what_to_upload(dataset_fol
     assert files["dictionary/layer_015.parquet"] == (dataset_folder / "dictionary" / "layer_015.parquet").stat().st_size
     with pytest.raises(FolderInvalid, match="not a directory"):
         validate_output_folder(dataset_folder / "nope")
+
+
+def test_report_and_publish_read_a_folder_through_one_reader(tmp_path):
+    """Both commands read metadata.json and the folder through transforms.output_folder: the same
+    file gives the same message, each in the command's own error type."""
+    from pipeline.report import ReportError, make_report
+    from transforms.output_folder import FolderUnreadable, open_folder, read_metadata
+
+    assert issubclass(ReportError, FolderUnreadable) and issubclass(FolderInvalid, FolderUnreadable)
+    (tmp_path / "metadata.json").write_text("{not json")
+    message = r"metadata.json: not valid JSON \(.*\); re-run `daco build`"
+    with pytest.raises(ReportError, match=message):
+        make_report(tmp_path)
+    with pytest.raises(FolderInvalid, match=message):
+        with open_folder(tmp_path, (), FolderInvalid) as local:
+            read_metadata(local)
+    with pytest.raises(ReportError, match="nope: not a directory; pass the output folder of `daco build`"):
+        make_report(tmp_path / "nope")

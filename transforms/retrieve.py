@@ -93,7 +93,6 @@ import apache_beam as beam
 import faiss
 import numpy as np
 import pyarrow as pa
-from apache_beam.io.filesystems import FileSystems
 from scipy.special import log_ndtr
 from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
@@ -102,7 +101,7 @@ from transforms import fileio
 from transforms.config import StageConfig
 from transforms.counters import Reconciliation
 from transforms.deadletter import DEAD, WriteDeadLetters, dead_letter
-from transforms.embed import read_embeddings
+from transforms.embeddings_layout import read_embeddings
 from transforms.progress import ProgressLog
 
 NAMESPACE = "retrieve"
@@ -271,25 +270,11 @@ def load_concept_embeddings(source: np.ndarray | str) -> np.ndarray:
     return np.asarray(array, dtype=np.float32)
 
 
-def stored_embedding_dim(emb_dir: str) -> int:
-    """The dimension of an embeddings folder, from the header of its first ``img_emb`` file only."""
-    found = FileSystems.match([fileio.join(emb_dir, "img_emb", "img_emb_*.npy")])[0].metadata_list
-    if not found:
-        raise ValueError(f"{emb_dir}: no img_emb/img_emb_N.npy (not clip-retrieval's layout)")
-    path = min(m.path for m in found)
-    with FileSystems.open(path) as fh:
-        major, _minor = np.lib.format.read_magic(fh)
-        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-        shape, _fortran, _dtype = read_header(fh)
-    if len(shape) != 2:
-        raise ValueError(f"{path}: expected [rows, dim], got shape {shape}")
-    return int(shape[1])
-
-
 def write_concept_embeddings(concepts_path: str, out_path: str, clip_cfg) -> str:
     """Embed every concept of a ``concepts.parquet`` (file order) with CLIP prompt ensembles
-    (:func:`transforms.embed.embed_concepts`) and write them to ``out_path`` as .npy; returns the path."""
-    from transforms.embed import embed_concepts, load_clip
+    (:func:`transforms.concept_prompts.embed_concepts`) and write them to ``out_path`` as .npy; returns the path."""
+    from transforms.clip_model import load_clip
+    from transforms.concept_prompts import embed_concepts
 
     vectors = embed_concepts(fileio.read_parquet(concepts_path), load_clip(clip_cfg))
     fileio.write_npy_atomic(out_path, vectors.astype(np.float32))

@@ -276,11 +276,13 @@ class _ReadShard(beam.DoFn):
 class ReadShards(beam.PTransform):
     """Pipeline start -> record dicts from every shard matching ``pattern`` (see the module
     docstring); writes ``out_dir/deadletter/shards.jsonl``. The pattern is matched here, so a
-    pattern matching nothing raises :class:`ShardsNotFound` before the pipeline runs."""
+    pattern matching nothing raises :class:`ShardsNotFound` before the pipeline runs.
+    ``list_shards`` turns the pattern into shard paths (default :func:`match_shards`; the
+    offline Dataflow plan passes one that needs no bucket listing)."""
 
-    def __init__(self, pattern: str | list[str], out_dir: str):
+    def __init__(self, pattern: str | list[str], out_dir: str, list_shards=match_shards):
         super().__init__()
-        self.paths = match_shards(pattern)
+        self.paths = list_shards(pattern)
         self.out_dir = out_dir
 
     def expand(self, pbegin):

@@ -32,12 +32,12 @@ from pathlib import Path
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import yaml
 from apache_beam.metrics import Metrics
 
 from steering.dictionary import dictionary_parquet_bytes, dictionary_schema
 from transforms import fileio
+from transforms.output_folder import FolderUnreadable, open_folder, read_metadata, read_schema
 from transforms.picturability import DATA_TERMS
 
 NAMESPACE = "dictionary"
@@ -343,7 +343,7 @@ def read_card_front_matter(text: str) -> dict:
 
 # --------------------------------------------------------------------------- validation (daco publish)
 
-class FolderInvalid(ValueError):
+class FolderInvalid(FolderUnreadable):
     """An output folder that must not be published; the message names the file and the reason."""
 
 
@@ -353,14 +353,6 @@ class PublishFile:
 
     path: str
     size: int
-
-
-def _schema(path) -> pa.Schema:
-    """A parquet file's schema; a damaged (truncated, not parquet) file is a FolderInvalid naming it."""
-    try:
-        return pq.read_schema(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise FolderInvalid(f"{path}: not a readable parquet file ({exc}); re-run `daco build`") from None
 
 
 def _check_columns(path: Path, schema: pa.Schema, expected: pa.Schema) -> None:
@@ -386,7 +378,7 @@ def _check_dictionary(folder: Path, files: list[Path]) -> tuple[int, set[int]]:
 
     dims = {}
     for path in files:
-        schema = _schema(path)
+        schema = read_schema(path)
         typ = schema.field("direction").type if "direction" in schema.names else None
         if typ is None or not pa.types.is_fixed_size_list(typ):
             raise FolderInvalid(f"{path}: column 'direction' is {typ}; expected fixed_size_list<float32>[d]")
@@ -436,21 +428,14 @@ def validate_output_folder(out_dir: str | Path) -> list[PublishFile]:
         check_complete(out)
     except IncompleteFolder as exc:
         raise FolderInvalid(str(exc)) from None
-    with fileio.local_folder(out, PUBLISHED_PATTERNS) as local:
-        try:
-            return _validate_local(local)
-        except FolderInvalid as exc:
-            if fileio.is_remote(out):  # name the remote file, not the temporary copy
-                raise FolderInvalid(str(exc).replace(str(local), out)) from None
-            raise
+    with open_folder(out, PUBLISHED_PATTERNS, FolderInvalid) as local:
+        return _validate_local(local)
 
 
 def _validate_local(folder: Path) -> list[PublishFile]:
     from transforms.concepts import SCHEMA as CONCEPTS_SCHEMA
     from transforms.retrieve import SCHEMA as STIMULI_SCHEMA
 
-    if not folder.is_dir():
-        raise FolderInvalid(f"{folder}: not a directory (pass the output folder of `daco build`)")
     files = _published_files(folder)
     card_path, meta_path = folder / "README.md", folder / "metadata.json"
     if not card_path.is_file():
@@ -461,19 +446,14 @@ def _validate_local(folder: Path) -> list[PublishFile]:
         raise FolderInvalid(f"{card_path}: not a dataset card: {exc}") from None
     if not front.get("configs"):
         raise FolderInvalid(f"{card_path}: its YAML front matter declares no configs")
-    if not meta_path.is_file():
-        raise FolderInvalid(f"{meta_path}: missing; it is written by `daco build`")
-    try:
-        metadata = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise FolderInvalid(f"{meta_path}: not valid JSON ({exc})") from None
-    if not isinstance(metadata, dict) or not isinstance(metadata.get("counts"), dict):
+    metadata = read_metadata(folder)
+    if not isinstance(metadata.get("counts"), dict):
         raise FolderInvalid(f"{meta_path}: expected an object with 'counts'")
 
     concepts = _required_files(folder, CONFIG_FILES["concepts"], "the concepts")
-    _check_columns(concepts[0], _schema(concepts[0]), CONCEPTS_SCHEMA)
+    _check_columns(concepts[0], read_schema(concepts[0]), CONCEPTS_SCHEMA)
     for path in _required_files(folder, CONFIG_FILES["stimuli"], "the stimuli"):
-        _check_columns(path, _schema(path), STIMULI_SCHEMA)
+        _check_columns(path, read_schema(path), STIMULI_SCHEMA)
     dictionary = _required_files(folder, CONFIG_FILES["dictionary"], "the directions")
     d, layers = _check_dictionary(folder, dictionary)
 

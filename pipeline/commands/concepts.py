@@ -14,9 +14,10 @@ def add_arguments(parser):
 
 
 def run(args, beam_args):
+    from pipeline.build import concepts_graph
     from pipeline.config import load_config_file, section
     from pipeline.runner import quiet_beam_logging, run_pipeline, print_summary
-    from transforms.concepts import ConceptsConfig, SelectConcepts, WriteConcepts, RECONCILIATION
+    from transforms.concepts import ConceptsConfig, RECONCILIATION
     from transforms.wordnet import WordNetNotFound, find_wordnet
 
     quiet_beam_logging()
@@ -30,10 +31,7 @@ def run(args, beam_args):
     except WordNetNotFound as exc:
         raise SystemExit(str(exc)) from None
 
-    def build(p):
-        p | "SelectConcepts" >> SelectConcepts(cfg) | "WriteConcepts" >> WriteConcepts(args.out, cfg)
-
-    counters = run_pipeline(build, beam_args)
+    counters = run_pipeline(lambda p: concepts_graph(p, out=args.out, cfg=cfg), beam_args)
     ok = print_summary("concepts", counters, [RECONCILIATION])
     print(f"wrote {args.out.rstrip('/')}/concepts.parquet ({counters.get('concepts.kept', 0):,} concepts "
           f"and a reserve of {counters.get('concepts.reserve', 0):,} for retrieval to draw on)")

@@ -25,7 +25,7 @@ def add_clip_arguments(parser):
 def clip_config_from_args(args):
     """The ClipConfig of a command: --demo-clip or the config file's 'clip:' section, then the --clip-* options."""
     from pipeline.config import load_config_file, section
-    from transforms.embed import DEMO_CLIP, ClipConfig
+    from transforms.clip_model import DEMO_CLIP, ClipConfig
 
     cfg = DEMO_CLIP if args.demo_clip else section(load_config_file(args.config), "clip", ClipConfig, args.config)
     changes = {
@@ -58,10 +58,9 @@ def run(args, beam_args):
     from transforms import fileio
     from transforms.shards import RECONCILIATION as SHARDS_RECONCILIATION
     from transforms.shards import ReadShards, ShardsNotFound
-    from transforms.embed import (
-        RECONCILIATION, WRITE_RECONCILIATION, ClipLoadError, ComputeEmbeddings, EmbeddingsLayoutError,
-        embeddings_exist, read_embeddings, resolve_clip_config, weights_label,
-    )
+    from transforms.clip_model import ClipLoadError, resolve_clip_config
+    from transforms.embed import RECONCILIATION, WRITE_RECONCILIATION, ComputeEmbeddings
+    from transforms.embeddings_layout import EmbeddingsLayoutError, embeddings_exist, read_embeddings, weights_label
 
     quiet_beam_logging()
     cfg = clip_config_from_args(args)

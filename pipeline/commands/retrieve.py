@@ -3,6 +3,7 @@
 ReadShards -> ComputeEmbeddings (skipped when --embeddings names an existing clip-retrieval
 folder) -> concept text embeddings with the same CLIP (OUT/concept_embeddings.npy) ->
 RetrieveStimuli, which takes the first two as a side input so it starts once they are written.
+The graph is ``daco build``'s (pipeline/build.py, ``stimuli_graph``).
 """
 
 HELP = "Retrieve positive and negative caption-image stimuli per concept (CLIP + faiss) into OUT/stimuli/."
@@ -80,50 +81,19 @@ def _concept_pool(path: str) -> tuple[list[str], list[int] | None, int | None]:
     return concept_pool(table)
 
 
-def _supplied_embeddings(emb_dir: str, clip, resolved) -> dict:
-    """Check a supplied folder against the CLIP model; returns its embeddings.json (or {})."""
-    import json
-
-    from apache_beam.io.filesystems import FileSystems
-
-    from transforms import fileio
-    from transforms.embed import embeddings_exist, model_config
-    from transforms.retrieve import stored_embedding_dim
-
-    if not embeddings_exist(emb_dir):
-        raise SystemExit(f"--embeddings {emb_dir}: not a clip-retrieval folder (img_emb/img_emb_N.npy with "
-                         "text_emb/ and metadata/); leave --embeddings out to compute them from --shards")
-    dim, expected = stored_embedding_dim(emb_dir), int(model_config(clip)["embed_dim"])
-    if dim != expected:
-        raise SystemExit(f"--embeddings {emb_dir} has dimension {dim} but CLIP {clip.model_name} embeds concepts "
-                         f"in {expected}: pass the --clip-model/--clip-pretrained that made the embeddings")
-    record_path = fileio.join(emb_dir, "embeddings.json")
-    if not FileSystems.exists(record_path):
-        return {}
-    record = json.loads(fileio.read_bytes(record_path))
-    weights = resolved.pretrained or f"random (seed {resolved.seed})"
-    if (record.get("model_name"), record.get("weights")) != (clip.model_name, weights):
-        raise SystemExit(f"--embeddings {emb_dir} were made with {record.get('model_name')} ({record.get('weights')}) "
-                         f"but concepts would be embedded with {clip.model_name} ({weights}): use the same CLIP options")
-    return record
-
-
 def run(args, beam_args):
-    import dataclasses
-
-    import apache_beam as beam
-
+    from pipeline.build import stimuli_graph
     from pipeline.commands.embed import clip_config_from_args
     from pipeline.runner import print_summary, quiet_beam_logging, run_pipeline
-    from transforms import embed, fileio, retrieve, shards
+    from transforms import clip_model, embed, embeddings_layout, fileio, retrieve, shards
 
     quiet_beam_logging()
     cfg = _retrieve_config(args)
     clip = clip_config_from_args(args)
     concept_ids, ranks, target = _concept_pool(args.concepts)
     try:
-        resolved = embed.resolve_clip_config(clip)
-    except embed.ClipLoadError as exc:
+        resolved = clip_model.resolve_clip_config(clip)
+    except clip_model.ClipLoadError as exc:
         raise SystemExit(str(exc)) from None
     compute = args.embeddings is None
     if compute:
@@ -132,26 +102,22 @@ def run(args, beam_args):
         emb_dir, untrained = fileio.join(args.out, "embeddings"), resolved.pretrained is None
     else:
         emb_dir = args.embeddings
-        untrained = _supplied_embeddings(emb_dir, clip, resolved).get("untrained", False) or resolved.pretrained is None
+        try:
+            record = embeddings_layout.check_matches_clip(emb_dir, clip, resolved)
+        except embeddings_layout.EmbeddingsLayoutError as exc:
+            raise SystemExit(f"--embeddings {exc}") from None
+        untrained = record.get("untrained", False) or resolved.pretrained is None
         if args.shards:
             print(f"using the embeddings in {emb_dir}; --shards is not read")
-    concepts_npy = fileio.join(args.out, "concept_embeddings.npy")
-    provenance = {"clip": {"model_name": clip.model_name, "weights": resolved.pretrained or f"random (seed {clip.seed})"},
-                  "untrained": bool(untrained), "retrieve": dataclasses.asdict(cfg)}
 
     def build(p):
-        ready = [p | "EmbedConcepts" >> retrieve.EmbedConcepts(args.concepts, concepts_npy, resolved)]
-        if compute:
-            records = p | "ReadShards" >> shards.ReadShards(args.shards, args.out)
-            ready.append(records | "ComputeEmbeddings" >> embed.ComputeEmbeddings(args.out, clip))
-        after = tuple(ready) | "EmbeddingsWritten" >> beam.Flatten()
-        p | "RetrieveStimuli" >> retrieve.RetrieveStimuli(args.out, emb_dir, concepts_npy, concept_ids, cfg,
-                                                          after=after, provenance=provenance, ranks=ranks,
-                                                          target=target)
+        records = p | "ReadShards" >> shards.ReadShards(args.shards, args.out) if compute else None
+        stimuli_graph(p, out=args.out, records=records, emb_dir=emb_dir, concepts_path=args.concepts,
+                      concept_ids=concept_ids, clip=clip, cfg=cfg, untrained=untrained, ranks=ranks, target=target)
 
     try:
         counters = run_pipeline(build, beam_args)
-    except (shards.ShardsNotFound, embed.ClipLoadError) as exc:  # raised while the graph is built
+    except (shards.ShardsNotFound, clip_model.ClipLoadError) as exc:  # raised while the graph is built
         raise SystemExit(str(exc)) from None
     checks = [retrieve.RECONCILIATION, retrieve.STIMULI_RECONCILIATION]
     if compute:
