@@ -113,7 +113,56 @@ def pooling_weights(attention_mask: torch.Tensor, pooling: str, caption_mask: to
     return selected.float() / counts
 
 
-class ActivationCapture:
+class LayerHooks:
+    """Context manager: a forward hook on each chosen decoder layer that keeps what :meth:`keep`
+    makes of the layer's output, the deepest one stopping the forward (the base of
+    :class:`ActivationCapture` and ``steering.token_activations.TokenCapture``).
+    Layers are checked on construction; hooks are removed on exit."""
+
+    def __init__(self, model: nn.Module, adapter: ModelAdapter, layers: Sequence[int]):
+        self.model = model
+        self.adapter = adapter
+        self.layers = adapter.check_layers(model, layers)
+        self._kept: dict[int, torch.Tensor] = {}
+        self._handles: list[Any] = []
+
+    def keep(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What to keep of a hooked layer's output hidden states [batch, seq, hidden]."""
+        raise NotImplementedError
+
+    def __enter__(self):
+        decoder_layers = self.adapter.decoder_layers(self.model)
+        for index in self.layers:
+            self._handles.append(decoder_layers[index].register_forward_hook(self._hook(index, index == self.layers[-1])))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, index: int, stop: bool):
+        def hook(module, args, output):
+            self._kept[index] = self.keep(_layer_output(output))
+            if stop:
+                raise _StopForward
+
+        return hook
+
+    def _forward(self, inputs: Mapping[str, Any]) -> dict[int, torch.Tensor]:
+        """One stopped forward; what :meth:`keep` made of each hooked layer's output."""
+        if not self._handles:
+            raise RuntimeError(f"{type(self).__name__}.run must be called inside its 'with' block")
+        self._kept = {}
+        _run_stopped(self.model, inputs, f"decoder layer {self.layers[-1]}")
+        kept, self._kept = self._kept, {}
+        missing = [layer for layer in self.layers if layer not in kept]
+        if missing:
+            raise RuntimeError(f"layers {missing} of {type(self.model).__name__} did not run before the stop layer")
+        return kept
+
+
+class ActivationCapture(LayerHooks):
     """Context manager: pooling hooks on chosen decoder layers, the deepest one stopping the forward.
 
     ``with ActivationCapture(model, adapter, layers, pooling) as cap: cap.run(inputs)``
@@ -125,52 +174,20 @@ class ActivationCapture:
                  pooling: str = "mean"):
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
-        self.model = model
-        self.adapter = adapter
-        self.layers = adapter.check_layers(model, layers)
+        super().__init__(model, adapter, layers)
         self.pooling = pooling
         self._weights: torch.Tensor | None = None
-        self._pooled: dict[int, torch.Tensor] = {}
-        self._handles: list[Any] = []
 
-    def __enter__(self) -> "ActivationCapture":
-        decoder_layers = self.adapter.decoder_layers(self.model)
-        deepest = self.layers[-1]
-        for index in self.layers:
-            hook = self._hook(index, stop=index == deepest)
-            self._handles.append(decoder_layers[index].register_forward_hook(hook))
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def _hook(self, index: int, stop: bool):
-        def hook(module, args, output):
-            hidden = _layer_output(output)
-            weights = self._weights.to(hidden.device)
-            self._pooled[index] = torch.einsum("bs,bsd->bd", weights, hidden.float())
-            if stop:
-                raise _StopForward
-
-        return hook
+    def keep(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bs,bsd->bd", self._weights.to(hidden.device), hidden.float())
 
     def run(self, inputs: Mapping[str, Any]) -> dict[int, torch.Tensor]:
         """One stopped forward over a batch from ``build_inputs``; the pooled captures per layer."""
-        if not self._handles:
-            raise RuntimeError("ActivationCapture.run must be called inside its 'with' block")
         self._weights = pooling_weights(inputs["attention_mask"], self.pooling, inputs.get(CAPTION_MASK))
-        self._pooled = {}
         try:
-            _run_stopped(self.model, inputs, f"decoder layer {self.layers[-1]}")
+            return self._forward(inputs)
         finally:
             self._weights = None
-        pooled, self._pooled = self._pooled, {}
-        missing = [l for l in self.layers if l not in pooled]
-        if missing:
-            raise RuntimeError(f"layers {missing} of {type(self.model).__name__} did not run before the stop layer")
-        return pooled
 
 
 def capture(model: nn.Module, adapter: ModelAdapter, inputs: Mapping[str, Any],

@@ -25,7 +25,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from steering.capture import _layer_output, _run_stopped, _StopForward
+from steering.capture import LayerHooks
 from steering.models.base import ModelAdapter
 
 
@@ -47,7 +47,7 @@ def select_tokens(attention_mask: torch.Tensor, per_stimulus: int | None = None,
     return selected
 
 
-class TokenCapture:
+class TokenCapture(LayerHooks):
     """Context manager: hooks on chosen decoder layers that keep the selected token positions.
 
     ``run(inputs, selected)`` returns ``[n_selected, len(layers), hidden]`` float32 on the CPU,
@@ -55,49 +55,22 @@ class TokenCapture:
     """
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter, layers: Sequence[int]):
-        self.model = model
-        self.adapter = adapter
-        self.layers = adapter.check_layers(model, layers)
+        super().__init__(model, adapter, layers)
         self._selected: torch.Tensor | None = None
-        self._rows: dict[int, torch.Tensor] = {}
-        self._handles: list[Any] = []
 
-    def __enter__(self) -> "TokenCapture":
-        decoder_layers = self.adapter.decoder_layers(self.model)
-        for index in self.layers:
-            self._handles.append(decoder_layers[index].register_forward_hook(self._hook(index, index == self.layers[-1])))
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def _hook(self, index: int, stop: bool):
-        def hook(module, args, output):
-            hidden = _layer_output(output)
-            self._rows[index] = hidden[self._selected.to(hidden.device)].float().cpu()
-            if stop:
-                raise _StopForward
-
-        return hook
+    def keep(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden[self._selected.to(hidden.device)].float().cpu()
 
     def run(self, inputs: Mapping[str, Any], selected: torch.Tensor) -> torch.Tensor:
         """One stopped forward over a ``build_inputs`` batch; the selected tokens' activations."""
-        if not self._handles:
-            raise RuntimeError("TokenCapture.run must be called inside its 'with' block")
         if tuple(selected.shape) != tuple(inputs["attention_mask"].shape):
             raise ValueError(f"selected has shape {tuple(selected.shape)}, the batch "
                              f"{tuple(inputs['attention_mask'].shape)}")
-        self._selected, self._rows = selected.bool(), {}
+        self._selected = selected.bool()
         try:
-            _run_stopped(self.model, inputs, f"decoder layer {self.layers[-1]}")
+            rows = self._forward(inputs)
         finally:
             self._selected = None
-        rows, self._rows = self._rows, {}
-        missing = [layer for layer in self.layers if layer not in rows]
-        if missing:
-            raise RuntimeError(f"layers {missing} of {type(self.model).__name__} did not run before the stop layer")
         return torch.stack([rows[layer] for layer in self.layers], dim=1)
 
 
