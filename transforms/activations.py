@@ -33,11 +33,11 @@ from typing import Any, Iterable, Sequence
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
+from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult, RunInference
 
 from steering.capture import DEFAULT_LAYERS, POOLINGS, capture
 from steering.models import default_dtype, get_adapter, is_untrained
-from transforms.batching import batch_group, fixed_batches
+from transforms.batching import FixedBatchHandler, batch_group, fixed_batches
 from transforms.config import DEVICE_PATTERN, StageConfig, on_accelerator, resolve_device, validate_accelerator
 from transforms.counters import Reconciliation
 from transforms.deadletter import DEAD, WriteDeadLetters, dead_letter
@@ -250,12 +250,10 @@ def pooled_activations(model, processor, adapter, cfg: MLLMConfig, stimuli: Sequ
     return results
 
 
-class MLLMActivationHandler(ModelHandler):
-    """Beam ModelHandler: (image bytes, caption) -> {layer: pooled vector} with a frozen MLLM."""
+class MLLMActivationHandler(FixedBatchHandler):
+    """Beam ModelHandler: a fixed batch of (image bytes, caption) -> {layer: pooled vector} per stimulus, with a frozen MLLM."""
 
-    def __init__(self, cfg: MLLMConfig):
-        super().__init__()
-        self.cfg = cfg
+    metrics_namespace = "activations_inference"
 
     def load_model(self):
         return load_mllm(self.cfg)
@@ -264,19 +262,6 @@ class MLLMActivationHandler(ModelHandler):
         # each example is one fixed batch (see fixed_batches): a tuple of (image bytes, caption)
         return [PredictionResult(example, pooled_activations(*model, self.cfg, list(example), model.max_tokens))
                 for example in batch]
-
-    def batch_elements_kwargs(self):
-        # the batches are formed upstream from the data alone; RunInference must not regroup them
-        return {"min_batch_size": 1, "max_batch_size": 1}
-
-    def share_model_across_processes(self) -> bool:
-        return resolve_device(self.cfg.device) != "cpu"
-
-    def model_copies(self) -> int:
-        return 1
-
-    def get_metrics_namespace(self) -> str:
-        return "activations_inference"
 
 
 def _by_caption_length(element) -> tuple[int, tuple[str, str]]:

@@ -15,6 +15,10 @@ import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from apache_beam.ml.inference.base import ModelHandler
+
+from transforms.config import resolve_device
+
 BATCH_GROUPS = 1024
 """Elements are spread over this many groups by a hash of their key."""
 
@@ -30,3 +34,29 @@ def fixed_batches(group: tuple[int, Iterable[Any]], size: int, order: Callable[[
     ordered = sorted(elements, key=order)
     for start in range(0, len(ordered), size):
         yield tuple(ordered[start:start + size])
+
+
+class FixedBatchHandler(ModelHandler):
+    """A RunInference model handler whose examples are whole batches from :func:`fixed_batches`.
+
+    RunInference passes them one at a time and never regroups them; the model is loaded once
+    per worker process on a CPU, once per GPU (shared across the worker's processes) on a GPU.
+    Subclasses set :attr:`metrics_namespace` and implement ``load_model`` and ``run_inference``."""
+
+    metrics_namespace = ""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+
+    def batch_elements_kwargs(self):
+        return {"min_batch_size": 1, "max_batch_size": 1}
+
+    def share_model_across_processes(self) -> bool:
+        return resolve_device(self.cfg.device) != "cpu"
+
+    def model_copies(self) -> int:
+        return 1
+
+    def get_metrics_namespace(self) -> str:
+        return self.metrics_namespace

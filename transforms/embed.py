@@ -23,12 +23,12 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.pvalue import TaggedOutput
-from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
+from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult, RunInference
 
 from transforms import fileio
-from transforms.batching import batch_group, fixed_batches
+from transforms.batching import FixedBatchHandler, batch_group, fixed_batches
 from transforms.clip_model import ClipConfig, LoadedClip, clip_preprocess, load_clip, resolve_clip_config
-from transforms.config import on_accelerator, resolve_device
+from transforms.config import on_accelerator
 from transforms.counters import Reconciliation
 from transforms.deadletter import DEAD, WriteDeadLetters, dead_letter
 from transforms.embeddings_layout import embeddings_record, write_file_set
@@ -37,7 +37,7 @@ from transforms.progress import ProgressLog
 NAMESPACE = "embed"
 
 
-class ClipModelHandler(ModelHandler):
+class ClipModelHandler(FixedBatchHandler):
     """Beam ModelHandler embedding fixed batches of (preprocessed image, token ids) pairs with CLIP.
 
     Each example is one whole batch, ``(images [n, 3, H, W], token ids [n, context])``, formed
@@ -46,9 +46,7 @@ class ClipModelHandler(ModelHandler):
     processes (one copy per GPU) and runs under autocast. A prediction is
     ``(image embeddings [n, D], text embeddings [n, D])``, float32, L2-normalised."""
 
-    def __init__(self, cfg: ClipConfig):
-        super().__init__()
-        self.cfg = cfg
+    metrics_namespace = "embed_inference"
 
     def load_model(self) -> LoadedClip:
         return load_clip(self.cfg)
@@ -60,18 +58,6 @@ class ClipModelHandler(ModelHandler):
         # Beam's default pickles the whole batch just to measure it.
         return sum(t.element_size() * t.nelement() for example in batch for t in example)
 
-    def batch_elements_kwargs(self):
-        # the batches are formed upstream from the data alone; RunInference must not regroup them
-        return {"min_batch_size": 1, "max_batch_size": 1}
-
-    def share_model_across_processes(self) -> bool:
-        return resolve_device(self.cfg.device) != "cpu"
-
-    def model_copies(self) -> int:
-        return 1
-
-    def get_metrics_namespace(self) -> str:
-        return "embed_inference"
 
 
 def _record_order(record) -> tuple[str, str]:
