@@ -232,6 +232,14 @@ def dictionary_steerers(model, tokenizer, atoms: int, k: int, mop_iters: int, se
     return steerers, calibration, reports
 
 
+def print_agreement(reports) -> None:
+    """The calibrated approximation's agreement with exact TopK, per layer (printed wherever it is timed)."""
+    print("daco_fast (APPROXIMATION): calibrated TopK vs exact TopK on the undesirable atoms (held-out activations):")
+    for layer, rep in reports.items():
+        print(f"  layer {layer}: agreement {rep.agreement:.4f}, tokens fully agreeing {rep.token_agreement:.3f}, "
+              f"recall {rep.recall:.3f}, precision {rep.precision:.3f} (fit {rep.n_fit}, eval {rep.n_eval})")
+
+
 def time_methods(model, inputs, steerers, rounds: int, new_tokens: int, mop_rounds: int, mop_new_tokens: int):
     """Each steerer (None: unsteered) timed on the same greedy generation after one untimed warm-up,
     rounds interleaved with the order rotating: {name: [time_generation's result per round]}."""
@@ -320,10 +328,7 @@ def main():
     for name, cost in hooks.items():
         hook = rows[name]["hook_only"]
         print(f"  {name:<11} {hook['wall_ms']:8.2f} ms wall, {hook['cpu_ms']:8.2f} ms CPU = {hook['pct_of_plain_decode_cpu']:+.1f}%")
-    print("daco_fast (APPROXIMATION): calibrated TopK vs exact TopK on the undesirable atoms (held-out activations):")
-    for layer, rep in reports.items():
-        print(f"  layer {layer}: agreement {rep.agreement:.4f}, tokens fully agreeing {rep.token_agreement:.3f}, "
-              f"recall {rep.recall:.3f}, precision {rep.precision:.3f} (fit {rep.n_fit}, eval {rep.n_eval})")
+    print_agreement(reports)
 
     load = os.getloadavg()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -455,9 +460,7 @@ def paper_shape(args):
         arithmetic = f"5 x {row['per_layer_ms']:.1f} / {plain_28 * 1e3:.0f} = {row['composed_28_pct']:+.1f}%"
         print(f"{name:<10} {row['per_layer_ms']:>14.2f} {arithmetic:>34} {row['composed_at_depth_pct']:>+19.1f}% "
               f"{row['end_to_end_pct']:>+8.1f}%")
-    for layer, rep in reports.items():
-        print(f"daco_fast (APPROXIMATION) layer {layer}: tokens fully agreeing with exact TopK {rep.token_agreement:.3f}, "
-              f"recall {rep.recall:.3f}, precision {rep.precision:.3f}")
+    print_agreement(reports)
     load = os.getloadavg()
     PAPER_RESULTS.parent.mkdir(parents=True, exist_ok=True)
     PAPER_RESULTS.write_text(json.dumps({

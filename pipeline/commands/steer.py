@@ -86,9 +86,13 @@ def run(args, beam_args):
     sets = _defence_sets(args) if cls.fitted else None
     if cls.needs_dictionary and args.dictionary is None:
         raise SystemExit(f"daco steer: --method {args.method} needs --dictionary (a dictionary output folder)")
-    if args.method == "daco" and bool(args.sae) == args.untrained_sae:
-        raise SystemExit("daco steer: --method daco steers with a trained SAE: pass --sae DIR (from `daco train-sae`), "
-                         "or --untrained-sae for the dictionary-initialised SAE without training (not both)")
+    if args.method == "daco":
+        from steering.steerers.from_dictionary import check_sae_choice
+
+        try:
+            check_sae_choice(args.sae, args.untrained_sae)
+        except ValueError as exc:
+            raise SystemExit(f"daco steer: --method daco: {exc}") from None
     try:
         dictionary = load_dictionary(args.dictionary, layers=layers) if args.dictionary else None
     except (OSError, KeyError, ValueError) as exc:

@@ -136,15 +136,14 @@ def check_methods(methods: Sequence[str], dictionary: str | None) -> list[str]:
 
 
 def _daco_sae(config: EvalConfig) -> str:
-    """Which SAEs daco steers with, as eval's outputs name them; an error when neither was chosen."""
-    if config.sae and config.untrained_sae:
-        raise EvalError("daco: give --sae DIR or --untrained-sae, not both")
-    if config.sae:
-        return f"trained: {config.sae}"
-    if config.untrained_sae:
-        return "untrained dictionary-initialised SAE (--untrained-sae)"
-    raise EvalError("daco steers with a trained SAE: pass --sae DIR (from `daco train-sae`), or --untrained-sae "
-                    "for each layer's dictionary-initialised SAE without training")
+    """Which SAEs daco steers with, as eval's outputs name them; an error unless exactly one was chosen."""
+    from steering.steerers.from_dictionary import check_sae_choice
+
+    try:
+        check_sae_choice(config.sae, config.untrained_sae)
+    except ValueError as exc:
+        raise EvalError(f"daco: {exc}") from None
+    return f"trained: {config.sae}" if config.sae else "untrained dictionary-initialised SAE (--untrained-sae)"
 
 
 def build_steerer(method: str, model, processor, dictionary, layers, config: EvalConfig, norms):

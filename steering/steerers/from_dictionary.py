@@ -51,6 +51,14 @@ def mean_activation_norms(model, processor, layers: Sequence[int], prompts: Sequ
     return {layer: total / count for layer, total in totals.items()}
 
 
+def check_sae_choice(sae_dir: str | None, untrained_sae: bool) -> None:
+    """Raise ValueError unless exactly one of a trained SAE folder and the explicit untrained flag is given
+    (the rule ``daco steer`` and ``daco eval`` apply to daco)."""
+    if bool(sae_dir) == bool(untrained_sae):
+        raise ValueError("daco steers with a trained SAE: pass --sae DIR (from `daco train-sae`), or --untrained-sae "
+                         "for each layer's dictionary-initialised SAE without training (one of them, not both)")
+
+
 def daco_saes(dictionary, layers: Sequence[int], sae_dir: str | None = None, k: int = 32, eta: float = 0.5):
     """Per layer: the SAE (``sae_dir/layer_L/`` when given, else dictionary-initialised with TopK ``k``)
     and its undesirable / desirable atoms by docs/methods.md §3's centroid rule with threshold ``eta``.
