@@ -15,11 +15,17 @@ test-deps: fonts chromium
 
 # Installs come from the committed lock (requirements.lock): a fresh machine gets
 # exactly the set the suite passed with. `make lock` refreshes it deliberately.
+# A new venv takes about 7.1 GiB (torch 2.14.1's CUDA build is 5.5 of it): checked first, so a full
+# disk is named before pip starts rather than failing half-way with "No space left on device".
+VENV_MIB := 7400
 $(STAMP): requirements.lock pyproject.toml
+	@test -x $(PY) || { mkdir -p "$(dir $(abspath $(VENV)))"; \
+	  free=$$(df -Pk "$(dir $(abspath $(VENV)))" | awk 'NR==2 {print int($$4 / 1024)}'); \
+	  [ "$$free" -ge $(VENV_MIB) ] || { echo "make install: $$free MiB free under $(dir $(abspath $(VENV))); the locked set needs about $(VENV_MIB) MiB for $(VENV) (torch's CUDA build). Free disk space, or put the venv elsewhere: make VENV=/path/with/space/venv ..." >&2; exit 1; }; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.lock
-	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip install -q --no-cache-dir --upgrade pip
+	$(PY) -m pip install -q --no-cache-dir -r requirements.lock
+	$(PY) -m pip install -q --no-cache-dir --no-deps -e .
 	touch $(STAMP)
 
 # Recompile requirements.lock from pyproject's ranges (uv pip compile, Linux x86-64,
@@ -48,7 +54,7 @@ wordnet: $(STAMP)
 	@$(PY) -c "from transforms.wordnet import find_wordnet; find_wordnet()" 2>/dev/null \
 	  || { if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	         echo "installing WordNet 3.0 (wordnet-base, wordnet-sense-index)"; \
-	         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base wordnet-sense-index >/dev/null; \
+	         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base wordnet-sense-index >/dev/null && apt-get clean; \
 	       else \
 	         $(PY) -c "from transforms.wordnet import find_wordnet; find_wordnet()"; \
 	       fi; }
@@ -60,7 +66,7 @@ fonts: $(STAMP)
 	@$(PY) -c "from PIL import ImageFont; ImageFont.truetype('FreeMonoBold.ttf', 10)" 2>/dev/null \
 	  || { if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	         echo "installing FreeMonoBold (fonts-freefont-ttf)"; \
-	         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-freefont-ttf >/dev/null; \
+	         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-freefont-ttf >/dev/null && apt-get clean; \
 	       else \
 	         echo "FreeMonoBold.ttf not found: FigStep images fall back to DejaVu Sans Mono Bold (apt-get install fonts-freefont-ttf)"; \
 	       fi; }
@@ -70,7 +76,7 @@ fonts: $(STAMP)
 chromium:
 	@command -v chromium >/dev/null || ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ] \
 	  || { echo "installing chromium (headless report tests)"; \
-	       apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	       apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null && apt-get clean; }
 
 demo: install
 	$(VENV)/bin/daco build --out daco-out

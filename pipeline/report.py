@@ -44,9 +44,8 @@ from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import numpy as np
-import pyarrow as pa
 
-from steering.dictionary import closest_names_error
+from steering.dictionary import DictionaryError, closest_names_error, read_dictionary_file
 from transforms import fileio
 from transforms.output_folder import FolderUnreadable, open_folder, read_metadata, read_table
 
@@ -150,20 +149,15 @@ def _read_folder(out_dir: Path, source: str) -> _Folder:
 
 
 def _read_layer(path: Path, layer: int) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(concept_ids, directions float32 [n, d], norms) of ``layer`` in one dictionary file."""
-    table = read_table(path, columns=["concept_id", "layer", "direction", "norm"])
-    table = table.filter(np.asarray(table.column("layer").to_numpy()) == layer)
-    column = table.column("direction").combine_chunks()
-    if not pa.types.is_fixed_size_list(column.type):
-        raise ReportError(f"{path}: column 'direction' has type {column.type}; expected fixed_size_list<float32>[d] "
-                          "(docs/design.md); rewrite it with steering.dictionary.write_dictionary_parquet")
-    values = np.asarray(column.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
-    mat = values.reshape(len(table), column.type.list_size)
-    bad = np.flatnonzero(~np.isfinite(mat).all(axis=1))
-    if len(bad):
-        raise ReportError(f"{path}: {len(bad)} direction(s) at layer {layer} contain NaN/inf, e.g. "
-                          f"{table.column('concept_id')[int(bad[0])]}; re-run `daco build`")
-    return table.column("concept_id").to_pylist(), mat, np.asarray(table.column("norm").to_numpy(), np.float32)
+    """(concept_ids, directions float32 [n, d], norms) of ``layer`` in one dictionary file, read and
+    checked by the dictionary loader's reader (:func:`steering.dictionary.read_dictionary_file`)."""
+    try:
+        table, mat = read_dictionary_file(path)
+    except DictionaryError as exc:
+        raise ReportError(f"{exc}; re-run `daco build`") from None
+    rows = np.asarray(table.column("layer").to_numpy()) == layer
+    ids = [c for c, keep in zip(table.column("concept_id").to_pylist(), rows) if keep]
+    return ids, mat[rows], np.asarray(table.column("norm").to_numpy(), np.float32)[rows]
 
 
 def _read_stimuli(out_dir: Path) -> list[dict]:

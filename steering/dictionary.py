@@ -312,7 +312,9 @@ def _direction_matrix(path: Path, column: pa.ChunkedArray) -> np.ndarray:
     return values.reshape(len(arr), d)
 
 
-def _read_dictionary_file(path: Path) -> tuple[pa.Table, np.ndarray]:
+def read_dictionary_file(path: Path) -> tuple[pa.Table, np.ndarray]:
+    """(table, directions float32 [rows, d]) of one dictionary/*.parquet file, checked against the data
+    contract (columns, types, finite directions); a violation raises :class:`DictionaryError` naming the file."""
     table = _read_table(path)
     expected = DICTIONARY_SCHEMA
     missing = [n for n in expected.names if n not in table.column_names]
@@ -363,7 +365,7 @@ def load_dictionary(path_or_repo_id: str | os.PathLike, layers: Iterable[int] | 
     d = None
     d_file = None
     for path in files:
-        table, mat = _read_dictionary_file(path)
+        table, mat = read_dictionary_file(path)
         if len(table) == 0:
             continue
         if d is None:

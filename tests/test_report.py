@@ -119,6 +119,24 @@ def test_concepts_option_limits_the_gallery_and_bad_options_fail(reported, tmp_p
         make_report(tmp_path)
 
 
+def test_a_nan_direction_is_refused_by_the_dictionary_loaders_own_check(reported, tmp_path):
+    """The report reads dictionary files through steering.dictionary's reader, so it refuses what load_dictionary refuses."""
+    import numpy as np
+    import pyarrow as pa
+
+    out = tmp_path / "copy"
+    shutil.copytree(reported, out, ignore=shutil.ignore_patterns("report", "embeddings"))
+    path = sorted((out / "dictionary").glob("*.parquet"))[0]
+    table = pq.read_table(path)
+    column = table.column("direction").combine_chunks()
+    values = np.asarray(column.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).copy()
+    values[3] = np.nan
+    broken = pa.FixedSizeListArray.from_arrays(pa.array(values), column.type.list_size)
+    pq.write_table(table.set_column(table.column_names.index("direction"), "direction", broken), path)
+    with pytest.raises(ReportError, match=r"direction\(s\) contain NaN/inf(.|\n)*re-run `daco build`"):
+        make_report(out, layer=int(table.column("layer")[0].as_py()))
+
+
 def test_a_truncated_shard_leaves_its_later_images_missing_not_a_crash(reported, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(reported, out, ignore=shutil.ignore_patterns("report", "embeddings"))

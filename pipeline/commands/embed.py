@@ -52,35 +52,24 @@ def add_arguments(parser):
 def run(args, beam_args):
     import json
 
-    from apache_beam.io.filesystems import FileSystems
-
     from pipeline.runner import print_summary, quiet_beam_logging, run_pipeline
     from transforms import fileio
     from transforms.shards import RECONCILIATION as SHARDS_RECONCILIATION
     from transforms.shards import ReadShards, ShardsNotFound
     from transforms.clip_model import ClipLoadError, resolve_clip_config
     from transforms.embed import RECONCILIATION, WRITE_RECONCILIATION, ComputeEmbeddings
-    from transforms.embeddings_layout import EmbeddingsLayoutError, embeddings_exist, read_embeddings, weights_label
+    from transforms.embeddings_layout import (EmbeddingsLayoutError, check_matches_clip, embeddings_exist,
+                                             read_embeddings)
 
     quiet_beam_logging()
     cfg = clip_config_from_args(args)
     emb_dir = fileio.join(args.out, "embeddings")
     if embeddings_exist(emb_dir) and not args.overwrite:
-        try:
+        try:  # the same model? (the one check shared with build and retrieve)
+            check_matches_clip(emb_dir, cfg, resolve_clip_config(cfg))
             n = len(read_embeddings(emb_dir)[2])
-        except EmbeddingsLayoutError as exc:
-            raise SystemExit(f"{exc}\n(pass --overwrite to recompute them)") from None
-        record_path = fileio.join(emb_dir, "embeddings.json")
-        if FileSystems.exists(record_path):  # made by `daco embed`: the same model? (LAION's have no record)
-            made = json.loads(fileio.read_bytes(record_path))
-            try:
-                wanted = {"model_name": cfg.model_name, "weights": weights_label(resolve_clip_config(cfg))}
-            except ClipLoadError as exc:
-                raise SystemExit(str(exc)) from None
-            if {k: made.get(k) for k in wanted} != wanted:
-                raise SystemExit(f"{emb_dir} holds embeddings of {made.get('model_name')} ({made.get('weights')}), "
-                                 f"not of {wanted['model_name']} ({wanted['weights']}): pass --overwrite to "
-                                 "recompute them, or the --clip-* options that made them")
+        except (EmbeddingsLayoutError, ClipLoadError) as exc:
+            raise SystemExit(f"{exc}\n(or pass --overwrite to recompute them)") from None
         print(f"{emb_dir} already holds {n:,} embeddings; skipping the embedding stage (--overwrite recomputes)")
         return 0
 
