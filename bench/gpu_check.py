@@ -9,7 +9,7 @@ Figures (each printed as it is measured; ``bench/results/gpu_check.json`` is rew
    attention (flash-attention 2 when ``flash_attn`` imports). Stimuli: 448x448 JPEGs
    with CC-3M-length captions, batched as the stage batches them (the
    ``cc3m-qwen2.5-vl-7b`` preset's ``mllm`` section; one RunInference example is
-   ``4 x batch_size`` stimuli, as ``fixed_batches`` cuts them). Reports stimuli/s and
+   ``4 x batch_size`` stimuli, as ``FixedBatches`` cuts them). Reports stimuli/s and
    tokens/s through the stage, the stopped forward against the full forward with
    ``output_hidden_states`` (bench/capture_throughput.py's), and MFU: FLOPs counted by
    ``torch.utils.flop_counter`` on the stopped forward over the time, against the H200's
@@ -339,7 +339,7 @@ def figure_capture(loaded, shapes: Shapes, seed: int = 0) -> dict:
     model, processor, adapter = loaded
     attention = model.config._attn_implementation  # what the model runs, whatever was asked
     rng = np.random.default_rng(seed)
-    per_example = 4 * cfg.batch_size  # fixed_batches(group, 4 * batch_size)
+    per_example = 4 * cfg.batch_size  # FixedBatches(4 * batch_size, ...)
     examples = [tuple((jpeg(rng, shapes.image_px), caption(rng)) for _ in range(per_example))
                 for _ in range(shapes.stage_examples)]
     n = per_example * len(examples)

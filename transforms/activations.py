@@ -8,7 +8,7 @@ forward that stops after the deepest hooked layer. Model-family specifics live i
 the adapters (steering/models/); nothing here branches on a model name.
 
 Beam graph: stimuli rows and shard records are joined by (shard, key) (one element per
-distinct image), cut into batches fixed by the data alone (:func:`transforms.batching.fixed_batches`), a
+distinct image), cut into batches fixed by the data alone (:class:`transforms.batching.FixedBatches`), a
 ``RunInference`` stage with :class:`MLLMActivationHandler`
 (one model per worker process; one per GPU, shared across processes, on GPU
 workers) computes the pooled vectors, and each is emitted once per (concept,
@@ -37,7 +37,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult, R
 
 from steering.capture import DEFAULT_LAYERS, POOLINGS, capture
 from steering.models import default_dtype, get_adapter, is_untrained
-from transforms.batching import FixedBatchHandler, batch_group, fixed_batches
+from transforms.batching import FixedBatches, FixedBatchHandler
 from transforms.config import DEVICE_PATTERN, StageConfig, on_accelerator, resolve_device, validate_accelerator
 from transforms.counters import Reconciliation
 from transforms.deadletter import DEAD, WriteDeadLetters, dead_letter
@@ -369,9 +369,7 @@ class ComputeActivations(beam.PTransform):
         handler = KeyedModelHandler(MLLMActivationHandler(self.cfg))
         vectors = (
             joined.images
-            | "BatchGroup" >> beam.Map(lambda e: (batch_group("/".join(e[0][0])), e))
-            | "GroupForBatches" >> beam.GroupByKey()
-            | "FixedBatches" >> beam.FlatMap(fixed_batches, 4 * self.cfg.batch_size, _by_caption_length)
+            | "FixedBatches" >> FixedBatches(4 * self.cfg.batch_size, lambda e: "/".join(e[0][0]), _by_caption_length)
             | "SplitBatches" >> beam.Map(_split_batch)
             | "RunMLLM" >> on_accelerator(RunInference(handler), self.cfg.accelerator)
             | "Unbatch" >> beam.FlatMap(_unbatch)

@@ -26,7 +26,7 @@ from apache_beam.pvalue import TaggedOutput
 from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult, RunInference
 
 from transforms import fileio
-from transforms.batching import FixedBatchHandler, batch_group, fixed_batches
+from transforms.batching import FixedBatches, FixedBatchHandler
 from transforms.clip_model import ClipConfig, LoadedClip, clip_preprocess, load_clip, resolve_clip_config
 from transforms.config import on_accelerator
 from transforms.counters import Reconciliation
@@ -148,9 +148,7 @@ class ComputeEmbeddings(beam.PTransform):
         resolved = resolve_clip_config(cfg)
         prepared = (
             records
-            | "BatchGroup" >> beam.Map(lambda r: (batch_group("/".join(_record_order(r))), r))
-            | "GroupForBatches" >> beam.GroupByKey()
-            | "FixedBatches" >> beam.FlatMap(fixed_batches, cfg.batch_size, _record_order)
+            | "FixedBatches" >> FixedBatches(cfg.batch_size, lambda r: "/".join(_record_order(r)), _record_order)
             | "Prepare" >> beam.ParDo(_Prepare(resolved)).with_outputs(DEAD, main="ok")
         )
         summaries = (
