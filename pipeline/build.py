@@ -30,17 +30,17 @@ from importlib import resources
 
 from pipeline.config import load_config_file, section
 from pipeline.runner import print_summary, run_pipeline
+from steering.config import Config
 from transforms import (
     activations, clip_model, concepts, directions, embed, embeddings_layout, fileio, outdir, retrieve, shards,
 )
-from transforms.config import StageConfig
 from transforms.counters import Reconciliation
 
 PRESETS = sorted(p.name[:-5] for p in resources.files("pipeline.presets").iterdir() if p.name.endswith(".yaml"))
 
 
 @dataclass
-class CorpusConfig(StageConfig):
+class CorpusConfig(Config):
     """Options of the embedded corpus (``corpus:`` section; used only without ``--shards``)."""
 
     n: int = 2000

@@ -121,12 +121,13 @@ def parse_accelerator(hint: str) -> dict[str, str]:
 
 
 def set_accelerator(cfg, hint: str):
-    """A copy of the build config with ``hint`` on both model stages (clip and mllm), validated."""
+    """A copy of the build config with ``--accelerator``'s ``hint`` on both model stages (clip and mllm), validated."""
     import dataclasses
 
-    clip = cfg.clip.replace(accelerator=hint)
-    mllm = type(cfg.mllm).from_dict({**dataclasses.asdict(cfg.mllm), "accelerator": hint}, "mllm")
-    return dataclasses.replace(cfg, clip=clip, mllm=mllm)
+    from pipeline.config import override
+
+    return dataclasses.replace(cfg, clip=override(cfg.clip, {"accelerator": hint}, "clip"),
+                               mllm=override(cfg.mllm, {"accelerator": hint}, "mllm"))
 
 
 @dataclass

@@ -36,8 +36,9 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.config import load_config_file, section
+from steering.config import Config
 from transforms.activations import MLLMConfig, load_mllm
-from transforms.config import DEVICE_PATTERN, StageConfig, resolve_device
+from transforms.config import DEVICE_PATTERN, resolve_device
 
 CHECKPOINT = "checkpoint.pt"
 SUMMARY = "training.json"
@@ -49,7 +50,7 @@ INITS = ("dictionary", "random")
 
 
 @dataclass
-class SAEConfig(StageConfig):
+class SAEConfig(Config):
     """Options of ``daco train-sae`` (the ``sae:`` section of a config file or preset).
 
     Attributes:

@@ -8,6 +8,7 @@ that way on a busy machine); the previous setting is restored afterwards.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -17,8 +18,8 @@ import torch
 from steering.contrastive import (ContrastiveSets, PromptItem, load_prompts, load_responses, neutral_images,
                                   post_instruction_positions, prompt_states, response_states)
 from steering.models import get_adapter
-from steering.steerers import (STEERERS, IARSteerer, MARSSteerer, RASSteerer, RefusalDirectionSteerer,
-                               record_activations)
+from steering.steerers import (STEERERS, BuildOptions, IARFitConfig, IARSteerer, MARSFitConfig, MARSSteerer,
+                               RASFitConfig, RASSteerer, RefusalDirectionSteerer, RefusalFitConfig, record_activations)
 from steering.steerers.fitted import final_norm
 from steering.steerers.ras import CONTEXT_INSTRUCTION, REFORMULATION, RISK_PROMPT
 from steering.steerers.iar import fit_probe, output_projection
@@ -55,8 +56,8 @@ def sets():
 def refusal(tiny, sets):
     model, tokenizer = tiny
     # an untrained model never refuses: keep every induce score (Arditi et al.'s default 0.0 is tested apart)
-    return RefusalDirectionSteerer.fit(model, tokenizer, sets.harmful[:6], sets.harmless[:6], n_positions=3,
-                                       induce_threshold=-math.inf)
+    return RefusalDirectionSteerer.fit(model, tokenizer, sets.harmful[:6], sets.harmless[:6],
+                                       RefusalFitConfig(n_positions=3, induce_threshold=-math.inf))
 
 
 def chat_batch(tokenizer, prompts):
@@ -147,8 +148,8 @@ def test_refusal_selection_skips_the_last_20_percent_and_applies_both_filters(ti
     # the KL filter: with a threshold below every candidate's KL nothing is selectable
     smallest = min(c["kl"] for c in report["candidates"])
     with pytest.raises(ValueError, match="no refusal-direction candidate passes KL"):
-        RefusalDirectionSteerer.fit(model, tokenizer, sets.harmful[:6], sets.harmless[:6], n_positions=1,
-                                    kl_threshold=smallest / 2)
+        RefusalDirectionSteerer.fit(model, tokenizer, sets.harmful[:6], sets.harmless[:6],
+                                    RefusalFitConfig(n_positions=1, kl_threshold=smallest / 2))
     assert post_instruction_positions(model, tokenizer) == 6  # <|im_end|> \n <|im_start|> ass istant \n
 
 
@@ -167,7 +168,7 @@ def test_refusal_selection_discards_candidates_that_do_not_induce_refusal():
 def test_refusal_default_threshold_refuses_an_untrained_model_that_never_refuses(tiny, sets):
     model, tokenizer = tiny
     with pytest.raises(ValueError, match="induces refusal"):
-        RefusalDirectionSteerer.fit(model, tokenizer, sets.harmful[:4], sets.harmless[:4], n_positions=1)
+        RefusalDirectionSteerer.fit(model, tokenizer, sets.harmful[:4], sets.harmless[:4], RefusalFitConfig(n_positions=1))
 
 
 def test_refusal_defence_raises_the_refusal_score_on_harmful_prompts(tiny, sets, refusal):
@@ -181,8 +182,8 @@ def test_refusal_defence_raises_the_refusal_score_on_harmful_prompts(tiny, sets,
     with torch.no_grad():
         refusing.lm_head.weight = torch.nn.Parameter(refusing.lm_head.weight.clone())  # untie from the embeddings
         refusing.lm_head.weight[ids] = 20.0 * unit
-    defence = RefusalDirectionSteerer.fit(refusing, tokenizer, sets.harmful[:6], sets.harmless[:6], n_positions=3,
-                                          induce_threshold=-math.inf)
+    defence = RefusalDirectionSteerer.fit(refusing, tokenizer, sets.harmful[:6], sets.harmless[:6],
+                                          RefusalFitConfig(n_positions=3, induce_threshold=-math.inf))
     assert defence.mode == "addition" and not defence.attack
     harmful = encode_prompts(refusing, tokenizer, [item.prompt for item in sets.harmful[:6]])
     plain = refusal_score(next_token_logits(refusing, harmful), ids).mean()
@@ -230,7 +231,7 @@ def test_refusal_addition_adds_r_at_its_layer_only(tiny, refusal):
 @pytest.fixture(scope="module")
 def mars(tiny_vl, sets):
     model, processor = tiny_vl
-    return MARSSteerer.fit(model, processor, sets.harmful[:6], sets.harmless[:6], n_images=2, seed=3)
+    return MARSSteerer.fit(model, processor, sets.harmful[:6], sets.harmless[:6], MARSFitConfig(n_images=2, seed=3))
 
 
 def test_mars_offset_is_the_measured_multimodal_minus_text_mean(tiny_vl, sets, mars):
@@ -329,8 +330,8 @@ def iar_samples(tiny, sets):
 
 def iar_fit(tiny, sets, **kw):
     model, tokenizer = tiny
-    return IARSteerer.fit(model, tokenizer, sets.harmful[:4], sets.refusal[:4], sets.compliant[:4], layers=[1, 2],
-                          responses_per_query=1, **kw)
+    return IARSteerer.fit(model, tokenizer, sets.harmful[:4], sets.refusal[:4], sets.compliant[:4],
+                          IARFitConfig(layers=[1, 2], responses_per_query=1, **kw))
 
 
 def test_iar_mms_is_the_mean_difference(tiny, sets, iar_samples):
@@ -471,6 +472,68 @@ def test_ras_prepare_reformulates_with_the_visual_context(tiny_vl, sets):
     assert unwrapped != pytest.approx(result["score"], abs=1e-6)
     assert steerer.risk_value.tolist() == [pytest.approx(result["risk"])]
     assert 0 <= result["risk"] <= 1
+
+
+# ----------------------------------------------------------------------------------------- fit configs
+
+
+def test_fit_config_defaults_are_the_documented_methods():
+    """docs/defences.md: IAR head level, top 48 heads, MMS, alpha 15, last position; refusal adds, Arditi et al.'s
+    filters; MARS gain 1; RAS N = 3, gamma 0.3, 40 context tokens, the authors' prompts."""
+    iar = IARFitConfig()
+    assert (iar.level, iar.units(), iar.direction, iar.alpha, iar.positions) == ("head", 48, "mms", 15.0, "last")
+    assert (iar.layers, iar.responses_per_query, iar.probe_c) == (None, 2, 1.0)
+    assert IARFitConfig(level="layer").units() == 1 and IARFitConfig(k=5).units() == 5
+    refusal = RefusalFitConfig()
+    assert (refusal.mode, refusal.kl_threshold, refusal.induce_threshold, refusal.skip_last) == ("addition", 0.1, 0.0, 0.2)
+    assert (refusal.n_positions, refusal.coefficient) == (None, 1.0)
+    assert refusal.refusal_phrases == ("I'm sorry", "I am sorry", "I cannot", "I can't", "Sorry", "As an AI")
+    mars = MARSFitConfig()
+    assert (mars.layers, mars.strength, mars.validation_fraction, mars.n_images, mars.seed) == (None, 1.0, 0.5, 8, 0)
+    ras = RASFitConfig()
+    assert (ras.n_tokens, ras.gamma, ras.context_tokens, ras.keep_image) == (3, 0.3, 40, True)
+    assert (ras.reformulation, ras.context_instruction, ras.risk_prompt) == (REFORMULATION, CONTEXT_INSTRUCTION, RISK_PROMPT)
+    assert {name: cls.fit_config for name, cls in STEERERS.items() if cls.fitted} == {
+        "refusal": RefusalFitConfig, "mars": MARSFitConfig, "iar": IARFitConfig, "ras": RASFitConfig}
+
+
+@pytest.mark.parametrize("cls, bad, message", [
+    (IARFitConfig, {"level": "neuron"}, r"IARFitConfig\.level: 'neuron' is not one of \('head', 'layer'\)"),
+    (IARFitConfig, {"k": 0}, r"IARFitConfig\.k must be >= 1"),
+    (IARFitConfig, {"validation_fraction": 1.0}, r"IARFitConfig\.validation_fraction must be in \(0, 1\)"),
+    (IARFitConfig, {"alpha": "15"}, r"IARFitConfig\.alpha: '15' is a str; expected float"),
+    (RefusalFitConfig, {"mode": "subtract"}, r"RefusalFitConfig\.mode: 'subtract' is not one of"),
+    (RefusalFitConfig, {"skip_last": 1.0}, r"RefusalFitConfig\.skip_last must be in \[0, 1\)"),
+    (RefusalFitConfig, {"refusal_phrases": ()}, r"RefusalFitConfig\.refusal_phrases: give the non-empty"),
+    (MARSFitConfig, {"strength": -1.0}, r"MARSFitConfig\.strength must be >= 0"),
+    (MARSFitConfig, {"layers": [-1]}, r"MARSFitConfig\.layers: \[-1\]"),
+    (RASFitConfig, {"gamma": 0.0}, r"RASFitConfig\.gamma must be in \(0, 1\]"),
+    (RASFitConfig, {"risk_prompt": "no field"}, r"RASFitConfig\.risk_prompt must contain the field \{query\}"),
+    (RASFitConfig, {"n_tokens": 0}, r"RASFitConfig\.n_tokens must be >= 1"),
+])
+def test_fit_configs_reject_a_bad_value_naming_it(cls, bad, message):
+    with pytest.raises(ValueError, match=message):
+        cls.from_dict(bad, cls.__name__)
+    with pytest.raises(ValueError, match=message):  # built directly, the fit checks it before any work
+        STEERERS[{IARFitConfig: "iar", RefusalFitConfig: "refusal", MARSFitConfig: "mars",
+                  RASFitConfig: "ras"}[cls]].fit_options(cls(**bad))
+
+
+@pytest.mark.parametrize("cls", [IARFitConfig, RefusalFitConfig, MARSFitConfig, RASFitConfig])
+def test_fit_configs_reject_an_unknown_option_naming_it(cls):
+    with pytest.raises(ValueError, match=r"defences\.x: unknown option\(s\) \['alfa'\]; valid: \["):
+        cls.from_dict({"alfa": 1.0}, "defences.x")
+
+
+def test_fit_takes_its_own_config_and_records_it(tiny, sets, refusal):
+    model, tokenizer = tiny
+    with pytest.raises(TypeError, match="IARSteerer.fit takes a IARFitConfig, not a MARSFitConfig"):
+        IARSteerer.fit(model, tokenizer, sets.harmful[:4], sets.refusal[:4], sets.compliant[:4], MARSFitConfig())
+    assert refusal.report["fit_config"] == {**dataclasses.asdict(RefusalFitConfig()), "n_positions": 3,
+                                            "induce_threshold": -math.inf}
+    built = IARSteerer.build(BuildOptions(model, tokenizer, sets=sets, fit=IARFitConfig(layers=[2], level="layer",
+                                                                                     responses_per_query=1)))
+    assert built.layers == (2,) and built.level == "layer" and built.report["fit_config"]["layers"] == [2]
 
 
 # ----------------------------------------------------------------------------------------- save / load

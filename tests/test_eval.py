@@ -1,5 +1,6 @@
 """``daco eval``: a full run on a seeded small model, resuming after an interruption, the metrics, the errors."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -136,15 +137,15 @@ def test_refusal_is_the_addition_defence_and_ablation_an_attack_labelled_as_such
     """Defaults as fitted (small sets, to stay fast): refusal adds, IAR is head-level; the ablation is an ATTACK row."""
     from steering.contrastive import ContrastiveSets
     from steering.models import get_adapter
-    from steering.steerers import IARSteerer, RefusalDirectionSteerer
+    from steering.steerers import IARFitConfig, IARSteerer, RefusalDirectionSteerer, RefusalFitConfig
 
     model, tokenizer = get_adapter("qwen2").build_untrained(seed=0)
     sets = ContrastiveSets.default()
-    refusal = RefusalDirectionSteerer.fit(model, tokenizer, sets.harmful[:4], sets.harmless[:4], n_positions=1,
-                                          induce_threshold=float("-inf"))
+    refusal = RefusalDirectionSteerer.fit(model, tokenizer, sets.harmful[:4], sets.harmless[:4],
+                                          RefusalFitConfig(n_positions=1, induce_threshold=float("-inf")))
     refusal.save(tmp_path / "saved" / "refusal")
-    IARSteerer.fit(model, tokenizer, sets.harmful[:4], sets.refusal[:2], sets.compliant[:2], layers=[1, 2],
-                   responses_per_query=1).save(tmp_path / "saved" / "iar")
+    IARSteerer.fit(model, tokenizer, sets.harmful[:4], sets.refusal[:2], sets.compliant[:2],
+                   IARFitConfig(layers=[1, 2], responses_per_query=1)).save(tmp_path / "saved" / "iar")
     bench = [("mmbench", str(inputs["mmbench"]))]
     out = tmp_path / "run"
     metrics = run_eval(EvalConfig(model="untrained:qwen2", methods=["none", "refusal", "refusal_ablation", "iar"],
@@ -259,3 +260,20 @@ def test_an_unreadable_image_is_dead_lettered_and_skipped_on_resume(tmp_path, ca
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["complete"] is True and metrics["dead_letters"] == 2
     assert metrics["overall"]["none"]["n"] == 1  # each result counted once
+
+
+def test_run_file_records_every_defences_fit_config_and_rejects_a_bad_one():
+    import math
+
+    from steering.steerers import IARFitConfig, MARSFitConfig, RefusalFitConfig
+
+    base = dict(model="untrained:qwen2", methods=["none"], benches=[("mmbench", "x")], out="o")
+    recorded = EvalConfig(defences={"refusal": RefusalFitConfig(induce_threshold=-math.inf)}, **base).comparable()
+    assert set(recorded["defences"]) == {"refusal", "mars", "iar", "ras"}
+    assert recorded["defences"]["refusal"]["induce_threshold"] == -math.inf
+    assert recorded["defences"]["iar"] == json.loads(json.dumps(dataclasses.asdict(IARFitConfig())))  # the defaults
+    assert recorded != EvalConfig(**base).comparable()  # another fit: results not comparable
+    with pytest.raises(EvalError, match=r"\['daco'\] are not fitted defences"):
+        EvalConfig(defences={"daco": IARFitConfig()}, **base).comparable()
+    with pytest.raises(EvalError, match="IARSteerer.fit takes a IARFitConfig, not a MARSFitConfig"):
+        run_eval(EvalConfig(defences={"iar": MARSFitConfig()}, **base))

@@ -37,8 +37,9 @@ from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult, R
 
 from steering.capture import DEFAULT_LAYERS, POOLINGS, capture
 from steering.models import default_dtype, get_adapter, is_untrained
+from steering.config import Config
 from transforms.batching import FixedBatches, FixedBatchHandler
-from transforms.config import DEVICE_PATTERN, StageConfig, on_accelerator, resolve_device, validate_accelerator
+from transforms.config import DEVICE_PATTERN, on_accelerator, resolve_device, validate_accelerator
 from transforms.counters import Reconciliation
 from transforms.deadletter import DEAD, WriteDeadLetters, dead_letter
 from transforms.progress import ProgressLog
@@ -47,7 +48,7 @@ NAMESPACE = "activations"
 
 
 @dataclass
-class MLLMConfig(StageConfig):
+class MLLMConfig(Config):
     """Options of the activation stage (the ``mllm:`` section of a config file).
 
     Attributes:

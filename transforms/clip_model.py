@@ -12,7 +12,6 @@ embedded demo uses it (:data:`DEMO_CLIP`).
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import os
 import re
@@ -23,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from transforms.config import DEVICE_PATTERN, StageConfig, resolve_device, validate_accelerator
+from steering.config import Config
+from transforms.config import DEVICE_PATTERN, resolve_device, validate_accelerator
 
 CONFIG_DIR = Path(__file__).parent / "clip_configs"
 PRECISIONS = ("auto", "fp32", "amp_bf16", "amp_fp16")
@@ -34,7 +34,7 @@ class ClipLoadError(RuntimeError):
 
 
 @dataclass
-class ClipConfig(StageConfig):
+class ClipConfig(Config):
     """Options of the embedding stage (the ``clip:`` section of a config file).
 
     Attributes:
@@ -75,10 +75,6 @@ class ClipConfig(StageConfig):
         if not re.fullmatch(DEVICE_PATTERN, self.device):
             raise ValueError(f"{where}.device: {self.device!r} is not auto, cpu, cuda or cuda:N")
         validate_accelerator(self.accelerator, where)
-
-    def replace(self, **changes) -> "ClipConfig":
-        """A validated copy with ``changes`` applied."""
-        return ClipConfig.from_dict({**dataclasses.asdict(self), **changes})
 
 
 DEMO_CLIP = ClipConfig(model_name="daco-tiny-clip", pretrained=None, allow_untrained=True, batch_size=32, seed=0)

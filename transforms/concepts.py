@@ -38,7 +38,7 @@ import pyarrow as pa
 from apache_beam.metrics import Metrics
 
 from transforms import fileio
-from transforms.config import StageConfig
+from steering.config import Config
 from transforms.counters import Reconciliation
 from transforms.picturability import COMBINES, ZIPF_CAP, Evidence, Ratings, combine_words
 from transforms.progress import ProgressLog
@@ -78,7 +78,7 @@ SCHEMA = pa.schema([
 
 
 @dataclass
-class ConceptsConfig(StageConfig):
+class ConceptsConfig(Config):
     """Options of the concept stage (the ``concepts:`` section of a config file; docs/concepts.md).
 
     Attributes:

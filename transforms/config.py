@@ -1,64 +1,12 @@
-"""The base of every stage's options dataclass (``ConceptsConfig``, ``ClipConfig``, ...).
+"""What the model stages' configs share: the ``accelerator`` resource hint and the ``device`` option.
 
-A config file has one section per stage; :meth:`StageConfig.from_dict` builds the
-stage's dataclass from its section, rejecting unknown keys with the valid ones named,
-and runs the stage's own :meth:`StageConfig.validate`.
+Every stage's options dataclass (``ConceptsConfig``, ``ClipConfig``, ...) is a
+:class:`steering.config.Config`: built from its config-file section, overridden from the
+command line through :meth:`~steering.config.Config.override`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-
-
-def type_matches(value, hint) -> bool:
-    """Whether a config value (as YAML or JSON gives it) fits a field's annotation: int (not bool),
-    float (an int is fine), str, bool, ``list[X]``, ``dict``, ``X | None``."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(type_matches(value, arg) for arg in args)
-    if hint is type(None):
-        return value is None
-    if origin in (list, tuple):
-        return isinstance(value, (list, tuple)) and all(type_matches(v, args[0]) for v in value) if args else \
-            isinstance(value, (list, tuple))
-    if origin is dict or hint is dict:
-        return isinstance(value, dict)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(hint, type):
-        return isinstance(value, hint)
-    return True
-
-
-def _type_name(hint) -> str:
-    return getattr(hint, "__name__", None) if isinstance(hint, type) else str(hint).replace("typing.", "")
-
-
-class StageConfig:
-    """Mixin for a stage's options dataclass."""
-
-    @classmethod
-    def from_dict(cls, data: dict, where: str = "config"):
-        """Build from a config section; unknown keys and invalid values name ``where``."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"{where}: unknown option(s) {unknown}; valid: {sorted(names)}")
-        hints = typing.get_type_hints(cls)
-        for name, value in data.items():
-            if not type_matches(value, hints[name]):
-                raise ValueError(f"{where}.{name}: {value!r} is a {type(value).__name__}; expected "
-                                 f"{_type_name(hints[name])}")
-        cfg = cls(**data)
-        cfg.validate(where)
-        return cfg
-
-    def validate(self, where: str) -> None:
-        """Raise ValueError naming ``where`` and the option when a value is invalid."""
 
 def validate_accelerator(value: str | None, where: str) -> None:
     """Check a model stage's ``accelerator`` option: None (no hint), or a Beam accelerator

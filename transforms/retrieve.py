@@ -98,7 +98,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
 from transforms import fileio
-from transforms.config import StageConfig
+from steering.config import Config
 from transforms.counters import Reconciliation
 from transforms.deadletter import DEAD, WriteDeadLetters, dead_letter
 from transforms.embeddings_layout import read_embeddings
@@ -124,7 +124,7 @@ SCHEMA = pa.schema([
 
 
 @dataclass
-class RetrieveConfig(StageConfig):
+class RetrieveConfig(Config):
     """Options of the retrieval stage (the ``retrieve:`` section of a config file).
 
     Attributes:

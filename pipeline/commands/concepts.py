@@ -15,17 +15,14 @@ def add_arguments(parser):
 
 def run(args, beam_args):
     from pipeline.build import concepts_graph
-    from pipeline.config import load_config_file, section
+    from pipeline.config import load_config_file, override, section
     from pipeline.runner import quiet_beam_logging, run_pipeline, print_summary
     from transforms.concepts import ConceptsConfig, RECONCILIATION
     from transforms.wordnet import WordNetNotFound, find_wordnet
 
     quiet_beam_logging()
-    cfg = section(load_config_file(args.config), "concepts", ConceptsConfig, args.config)
-    if args.max_concepts is not None:
-        cfg = ConceptsConfig.from_dict({**cfg.__dict__, "max_concepts": args.max_concepts}, where="--max-concepts")
-    if args.wordnet_dir:
-        cfg.wordnet_dir = args.wordnet_dir
+    cfg = override(section(load_config_file(args.config), "concepts", ConceptsConfig, args.config),
+                   {"max_concepts": args.max_concepts, "wordnet_dir": args.wordnet_dir}, "concepts")
     try:
         find_wordnet(cfg.wordnet_dir)  # fail before any pipeline work
     except WordNetNotFound as exc:

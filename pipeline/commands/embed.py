@@ -24,19 +24,15 @@ def add_clip_arguments(parser):
 
 def clip_config_from_args(args):
     """The ClipConfig of a command: --demo-clip or the config file's 'clip:' section, then the --clip-* options."""
-    from pipeline.config import load_config_file, section
+    from pipeline.config import load_config_file, override, section
     from transforms.clip_model import DEMO_CLIP, ClipConfig
 
     cfg = DEMO_CLIP if args.demo_clip else section(load_config_file(args.config), "clip", ClipConfig, args.config)
-    changes = {
+    return override(cfg, {
         "model_name": args.clip_model, "pretrained": args.clip_pretrained, "allow_untrained": args.clip_allow_untrained,
         "download": False if args.clip_no_download else None, "batch_size": args.clip_batch_size,
         "device": args.clip_device, "precision": args.clip_precision, "seed": args.clip_seed,
-    }
-    try:
-        return cfg.replace(**{k: v for k, v in changes.items() if v is not None})
-    except ValueError as exc:
-        raise SystemExit(f"--clip options: {exc}") from None
+    }, "clip")
 
 
 def add_arguments(parser):

@@ -21,9 +21,12 @@ def add_arguments(parser):
     parser.add_argument("--gamma", type=float, default=0.1,
                         help="strength of actadd, mop and daco in one unit: the mean activation norm at each steered "
                              "layer (each desirable concept pushed by gamma x that norm; docs/defences.md); default 0.1")
-    parser.add_argument("--refusal-induce-threshold", type=float, default=0.0,
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="YAML file whose defences: section sets the fit options of refusal, mars, iar, ras "
+                             "(defences: {iar: {k: 8}}; docs/defences.md); default: each method's defaults")
+    parser.add_argument("--refusal-induce-threshold", type=float, default=None,
                         help="refusal: discard candidate directions whose induce score is below this (default 0.0 as "
-                             "Arditi et al.'s code; =-inf keeps all, e.g. for an untrained model)")
+                             "Arditi et al.'s code; =-inf keeps all, e.g. for an untrained model); overrides --config")
     parser.add_argument("--sae", default=None, metavar="DIR",
                         help="daco: folder with one trained SAE per layer as DIR/layer_<l>/ (`daco train-sae`)")
     parser.add_argument("--untrained-sae", action="store_true",
@@ -42,15 +45,18 @@ def add_arguments(parser):
 def run(args, beam_args):
     from pathlib import Path
 
+    from pipeline.config import defence_configs, override
     from steering.eval.benchmarks import BenchmarkError
     from steering.eval.run import EvalConfig, EvalError, parse_bench, run_eval
     from transforms.outdir import OutputFolderError, check_writable, writer_lock
 
+    defences = defence_configs(args.config)
+    defences["refusal"] = override(defences["refusal"], {"induce_threshold": args.refusal_induce_threshold}, "refusal")
     try:
         config = EvalConfig(model=args.model, methods=args.methods.split(","), benches=[parse_bench(b) for b in args.bench],
                             out=args.out, limit=args.limit, dictionary=args.dictionary, max_new_tokens=args.max_new_tokens,
                             seed=args.seed, layers=args.layers, gamma=args.gamma,
-                            refusal_induce_threshold=args.refusal_induce_threshold, sae=args.sae,
+                            defences=defences, sae=args.sae,
                             untrained_sae=args.untrained_sae, steerers=args.steerers, judge=args.judge,
                             judge_model=args.judge_model, device=args.device)
         check_writable(args.out)

@@ -9,7 +9,13 @@ The graph is ``daco build``'s (pipeline/build.py, ``stimuli_graph``).
 HELP = "Retrieve positive and negative caption-image stimuli per concept (CLIP + faiss) into OUT/stimuli/."
 BEAM_OPTIONS = True
 
-UNSET = object()  # a flag not given (None is a value: --min-evidence none)
+
+def _min_evidence(value: str):
+    """--min-evidence's value: a float, or ``none`` (evidence off: the option set to None)."""
+    from steering.config import NULL
+
+    return NULL if value.lower() == "none" else float(value)
+
 
 RETRIEVE_OPTIONS = {  # --flag: (RetrieveConfig field, type, help)
     "--k": ("k", int, "positives per concept (default 27)"),
@@ -19,7 +25,7 @@ RETRIEVE_OPTIONS = {  # --flag: (RetrieveConfig field, type, help)
     "--max-score": ("max_score", float, "a pair whose DACO distance exceeds this is never a positive"),
     "--similarity": ("similarity", str, "calibrated (Phi of z against the concept's random pairs, default), "
                      "cosine01 ((1+cos)/2) or softmax (over concepts)"),
-    "--min-evidence": ("min_evidence", lambda v: None if v.lower() == "none" else float(v),
+    "--min-evidence": ("min_evidence", _min_evidence,
                        "a pair is evidence when image and caption both have z >= this against the concept's "
                        "random pairs; concepts with fewer than --min-positives are absent (default 3; 'none': off)"),
     "--exact-max": ("exact_max", int, "exact index up to this many pairs, approximate above (default 250000)"),
@@ -43,24 +49,17 @@ def add_arguments(parser):
     parser.add_argument("--out", required=True, help="output directory (local path or any Beam filesystem URL)")
     parser.add_argument("--config", default=None, help="YAML config file; its 'clip:' and 'retrieve:' sections are used")
     for flag, (_field, kind, text) in RETRIEVE_OPTIONS.items():
-        parser.add_argument(flag, type=kind, default=UNSET, help=text)
+        parser.add_argument(flag, type=kind, default=None, help=text)
     add_clip_arguments(parser)
 
 
 def _retrieve_config(args):
-    import dataclasses
-
-    from pipeline.config import load_config_file, section
+    from pipeline.config import load_config_file, override, section
     from transforms.retrieve import RetrieveConfig
 
     cfg = section(load_config_file(args.config), "retrieve", RetrieveConfig, args.config)
-    given = {flag: getattr(args, flag[2:].replace("-", "_"), UNSET) for flag in RETRIEVE_OPTIONS}
-    changes = {RETRIEVE_OPTIONS[flag][0]: value for flag, value in given.items() if value is not UNSET}
-    try:
-        return RetrieveConfig.from_dict({**dataclasses.asdict(cfg), **changes},
-                                        where="retrieve options")
-    except ValueError as exc:
-        raise SystemExit(str(exc)) from None
+    return override(cfg, {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _kind, _text)
+                          in RETRIEVE_OPTIONS.items()}, "retrieve")
 
 
 def _concept_pool(path: str) -> tuple[list[str], list[int] | None, int | None]:

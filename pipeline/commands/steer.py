@@ -2,6 +2,11 @@
 
 HELP = "Generate from a prompt (and image) with and without steering, and print the two side by side."
 
+FIT_FLAGS = {  # method: {fit option: the flag's argparse name}; --layers is apart (see _fit_config)
+    "refusal": {"mode": "refusal_mode", "induce_threshold": "refusal_induce_threshold"},
+    "mars": {"strength": "strength"},
+    "iar": {"level": "iar_level", "direction": "iar_direction", "k": "iar_k", "alpha": "alpha"},
+}
 
 
 def add_arguments(parser):
@@ -18,7 +23,9 @@ def add_arguments(parser):
     parser.add_argument("--method", default="daco",
                         help="a registered steering method (steering.steerers.STEERERS: daco, mop, actadd, prompting, "
                              "and the defences refusal, mars, iar, ras); default daco")
-    parser.add_argument("--layers", default="15-19", help="decoder layers to steer, e.g. 15-19 or 3,5,8-9 (default: 15-19)")
+    parser.add_argument("--layers", default=None,
+                        help="decoder layers to steer, e.g. 15-19 or 3,5,8-9 (default: 15-19); for mars and iar the "
+                             "candidate layers (default: the config's defences section, else 15-19)")
     parser.add_argument("--gamma", type=float, default=0.1,
                         help="strength of daco, mop and actadd in one unit: the mean activation norm at each steered "
                              "layer (each desirable concept pushed by gamma x that norm; docs/defences.md); default 0.1")
@@ -41,22 +48,25 @@ def _add_defence_arguments(parser):
     group = parser.add_argument_group("defences (--method refusal, mars, iar, ras)")
     group.add_argument("--steerer", default=None, metavar="DIR", help="load a fitted defence saved in DIR (skips fitting)")
     group.add_argument("--save-steerer", default=None, metavar="DIR", help="save the fitted defence into DIR")
+    group.add_argument("--config", default=None, metavar="FILE",
+                       help="YAML file whose defences: section sets each defence's fit options (defences: {iar: "
+                            "{k: 8}}; docs/defences.md); the flags below override it")
     for kind, what in (("harmful", "harmful prompts"), ("harmless", "harmless prompts"),
                        ("refusal-responses", "refusal responses"), ("compliant-responses", "compliant responses")):
         group.add_argument(f"--{kind}", default=None, metavar="FILE",
                            help=f"JSONL file of {what} (default: the small set shipped in steering/data/)")
-    group.add_argument("--refusal-mode", choices=("addition", "ablation"), default="addition",
+    group.add_argument("--refusal-mode", choices=("addition", "ablation"), default=None,
                        help="refusal, when fitting: add the direction at the selected layer (the defence, default) or "
                             "ablate it at every layer (ATTACK: Arditi et al.'s jailbreak, removes refusal)")
-    group.add_argument("--refusal-induce-threshold", type=float, default=0.0,
+    group.add_argument("--refusal-induce-threshold", type=float, default=None,
                        help="refusal, when fitting: discard candidate directions whose induce score (refusal score of "
                             "harmless prompts with the direction added) is below this (default 0.0, as Arditi et al.'s "
                             "code; =-inf keeps all, e.g. for an untrained model)")
-    group.add_argument("--strength", type=float, default=1.0, help="mars: gain of the gate (default 1.0)")
-    group.add_argument("--iar-level", choices=("layer", "head"), default="head", help="iar: layer or head level (default head)")
-    group.add_argument("--iar-direction", choices=("mms", "pwd"), default="mms", help="iar: MMS or PWD (default mms)")
+    group.add_argument("--strength", type=float, default=None, help="mars: gain of the gate (default 1.0)")
+    group.add_argument("--iar-level", choices=("layer", "head"), default=None, help="iar: layer or head level (default head)")
+    group.add_argument("--iar-direction", choices=("mms", "pwd"), default=None, help="iar: MMS or PWD (default mms)")
     group.add_argument("--iar-k", type=int, default=None, help="iar: units kept by probe accuracy (default 48 heads, 1 layer)")
-    group.add_argument("--alpha", type=float, default=15.0, help="iar: strength alpha (default 15)")
+    group.add_argument("--alpha", type=float, default=None, help="iar: strength alpha (default 15)")
 
 
 def run(args, beam_args):
@@ -84,6 +94,7 @@ def run(args, beam_args):
     except ValueError as exc:
         raise SystemExit(f"daco steer: --layers: {exc}") from None
     sets = _defence_sets(args) if cls.fitted else None
+    fit = _fit_config(cls, args) if cls.fitted and args.steerer is None else None
     if cls.needs_dictionary and args.dictionary is None:
         raise SystemExit(f"daco steer: --method {args.method} needs --dictionary (a dictionary output folder)")
     if args.method == "daco":
@@ -103,7 +114,7 @@ def run(args, beam_args):
                                                args.device, images=args.image is not None)
     except ValueError as exc:
         raise SystemExit(f"daco steer: {exc}") from None
-    steerer = (_load_or_fit_defence(cls, args, model, processor, layers, sets) if cls.fitted
+    steerer = (_load_or_fit_defence(cls, args, model, processor, sets, fit) if cls.fitted
                else _build_steerer(cls, args, model, processor, dictionary, layers))
     untrained = bool(getattr(model.config, "untrained", False))
 
@@ -168,15 +179,22 @@ def _defence_sets(args):
         raise SystemExit(f"daco steer: {exc}") from None
 
 
-def _fit_options(args, layers) -> dict:
-    """The command's options for each defence's ``fit`` (--layers are MARS's and IAR's candidate layers)."""
-    return {"refusal": {"mode": args.refusal_mode, "induce_threshold": args.refusal_induce_threshold},
-            "mars": {"layers": layers, "strength": args.strength},
-            "iar": {"level": args.iar_level, "direction": args.iar_direction, "layers": layers, "k": args.iar_k,
-                    "alpha": args.alpha}}.get(args.method, {})
+def _fit_config(cls, args):
+    """The defence's fit config: the --config file's ``defences:`` section, then the flags the user gave.
+
+    MARS's and IAR's candidate layers are ``--layers`` when given, else the section's, else
+    15-19 (the steered layers' default)."""
+    from pipeline.config import defence_configs, override
+    from steering.steerers import parse_layers
+
+    cfg = defence_configs(args.config)[cls.name]
+    flags = {option: getattr(args, name) for option, name in FIT_FLAGS.get(cls.name, {}).items()}
+    if hasattr(cfg, "layers") and (args.layers is not None or cfg.layers is None):
+        flags["layers"] = list(parse_layers(args.layers))
+    return override(cfg, flags, cls.name)
 
 
-def _load_or_fit_defence(cls, args, model, processor, layers, sets):
+def _load_or_fit_defence(cls, args, model, processor, sets, fit):
     """The defence loaded from --steerer, or fitted on the contrastive sets (then saved to --save-steerer)."""
     from steering.steerers import BuildOptions
 
@@ -186,7 +204,7 @@ def _load_or_fit_defence(cls, args, model, processor, layers, sets):
         except (OSError, ValueError) as exc:
             raise SystemExit(f"daco steer: --steerer {args.steerer}: {exc}") from None
     try:
-        steerer = cls.build(BuildOptions(model, processor, layers, sets=sets, fit=_fit_options(args, layers)))
+        steerer = cls.build(BuildOptions(model, processor, sets=sets, fit=fit))
     except ValueError as exc:
         raise SystemExit(f"daco steer: fitting {args.method}: {exc}") from None
     if args.save_steerer:

@@ -15,8 +15,9 @@ Methods: ``none`` (no steering), every registered steerer
 ``--sae`` or dictionary-initialised SAEs; one strength unit for all three,
 :data:`steering.steerers.from_dictionary.STRENGTH_UNIT`, stated in the table); one whose
 ``fitted`` is true (``refusal`` (addition), ``mars``, ``iar``, ``ras``) is loaded from
-``--steerers DIR/<method>/``, else fitted once on the shipped contrastive sets with the
-method's defaults and saved under ``<out>/steerers/``; the ATTACK ``refusal_ablation``
+``--steerers DIR/<method>/``, else fitted once on the shipped contrastive sets with its
+fit config (``EvalConfig.defences``; the method's defaults where absent) and saved under
+``<out>/steerers/``; the ATTACK ``refusal_ablation``
 (Arditi et al.'s jailbreak with the ``refusal`` direction; labelled as an attack in every
 output). See docs/defences.md.
 
@@ -38,7 +39,7 @@ import os
 import re
 import sys
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +76,6 @@ class EvalConfig:
     gamma: float = 0.1
     """Strength of actadd, mop and daco, in units of the mean activation norm at each steered layer
     (:data:`steering.steerers.from_dictionary.STRENGTH_UNIT`)."""
-    refusal_induce_threshold: float = 0.0
-    """refusal: the least induce score a candidate direction needs (Arditi et al.'s 0.0; -inf keeps all)."""
     sae: str | None = None
     """daco: a folder with one saved SAE per layer (``<sae>/layer_<l>/``, as ``daco train-sae`` writes)."""
     untrained_sae: bool = False
@@ -85,6 +84,10 @@ class EvalConfig:
     """Fitted defences (refusal, mars, iar, ras): a folder with one saved steerer per method
     (``<steerers>/<method>/``, as each class's ``save`` writes it); a method not there is fitted
     on the shipped contrastive sets and saved under ``<out>/steerers/<method>/``."""
+    defences: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """Fit options of the fitted defences by method, each its class's ``fit_config`` (e.g.
+    ``{"refusal": RefusalFitConfig(induce_threshold=-math.inf)}``); a method not named is fitted
+    with its defaults (the faithful method)."""
     judge: str = "refusal"
     """``refusal`` (the keyword scorer) or ``llama-guard`` (plus Llama Guard on every response)."""
     judge_model: str = "meta-llama/Llama-Guard-3-8B"
@@ -96,7 +99,21 @@ class EvalConfig:
                 "judge_model": self.judge_model if self.judge == "llama-guard" else None,
                 "dictionary": self.dictionary, "layers": self.layers, "gamma": self.gamma, "sae": self.sae,
                 "untrained_sae": self.untrained_sae, "steerers": self.steerers,
-                "refusal_induce_threshold": self.refusal_induce_threshold}
+                "defences": json.loads(json.dumps({name: dataclasses.asdict(cfg)
+                                                   for name, cfg in self.fit_configs().items()}))}
+
+    def fit_configs(self) -> dict:
+        """Every fitted defence's fit config (``defences``, the defaults where absent), checked."""
+        from steering.steerers import STEERERS
+
+        fitted = {name: cls for name, cls in sorted(STEERERS.items()) if cls.fitted}
+        unknown = sorted(set(self.defences) - set(fitted))
+        if unknown:
+            raise EvalError(f"defences: {unknown} are not fitted defences; the fitted defences are {sorted(fitted)}")
+        try:
+            return {name: cls.fit_options(self.defences.get(name)) for name, cls in fitted.items()}
+        except (TypeError, ValueError) as exc:
+            raise EvalError(f"defences: {exc}") from None
 
 
 class EvalError(ValueError):
@@ -168,7 +185,7 @@ def build_steerer(method: str, model, processor, dictionary, layers, config: Eva
 
 def _load_or_fit(cls, model, processor, config: EvalConfig):
     """A fitted defence: ``<config.steerers>/<method>/`` or ``<out>/steerers/<method>/`` if saved, else fitted
-    on the shipped sets (every option the method's default but ``refusal_induce_threshold``) and saved there."""
+    on the shipped sets with its fit config (:meth:`EvalConfig.fit_configs`) and saved there."""
     from steering.steerers import BuildOptions
 
     method = cls.name
@@ -177,9 +194,8 @@ def _load_or_fit(cls, model, processor, config: EvalConfig):
         if folder.is_dir():
             return cls.load(folder, model)
     print(f"eval: fitting {method} on the shipped contrastive sets; saving it to {saved[-1]}", file=sys.stderr, flush=True)
-    fit = {"induce_threshold": config.refusal_induce_threshold} if method == "refusal" else {}
     try:
-        steerer = cls.build(BuildOptions(model, processor, fit=fit))
+        steerer = cls.build(BuildOptions(model, processor, fit=config.fit_configs()[method]))
     except ValueError as exc:
         raise EvalError(f"fitting {method}: {exc}") from None
     steerer.save(saved[-1])
@@ -289,6 +305,7 @@ def run_eval(config: EvalConfig, stop_after: int | None = None, log: Callable[[s
     if config.limit is not None and config.limit < 1:
         raise EvalError("limit must be at least 1")
     methods = check_methods(config.methods, config.dictionary)
+    config.fit_configs()  # bad fit options fail before any model loads
     daco_sae = _daco_sae(config) if "daco" in methods else None
     if not config.benches:
         raise EvalError("no benchmarks given: pass --bench NAME:PATH (one or more)")

@@ -12,7 +12,8 @@ hooks are removed.
 
 One file per method, each registering its class here with :func:`register`. The class
 carries what callers need: :attr:`Steerer.needs_dictionary`, :attr:`Steerer.fitted`,
-:meth:`Steerer.build` (from the common :class:`BuildOptions`) and
+:meth:`Steerer.build` (from the common :class:`BuildOptions`; a fitted defence also names
+its fit options' dataclass, ``fit_config``) and
 :meth:`Steerer.before_generation` (per-item work). ``daco steer``, ``daco eval``,
 ``steering``'s exports and the benchmarks derive their method lists from
 :data:`STEERERS`, and ``__init__.py`` imports every module of the package, so adding a
@@ -29,6 +30,8 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from steering.config import Config
 
 DEFAULT_LAYERS: tuple[int, ...] = (15, 16, 17, 18, 19)
 """The layers the DACO paper steers (docs/methods.md §1.3)."""
@@ -175,8 +178,8 @@ class BuildOptions:
     """daco: cosine threshold of the annotation's centroid rule (docs/methods.md §3)."""
     sets: Any = None
     """Fitted defences: the :class:`~steering.contrastive.ContrastiveSets` to fit on (None: the shipped sets)."""
-    fit: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    """Fitted defences: keyword options of the method's ``fit`` (absent ones: the method's defaults)."""
+    fit: Config | None = None
+    """Fitted defences: the method's ``fit_config`` (e.g. ``IARFitConfig``); None: its defaults."""
 
 
 def _hidden(output: Any) -> torch.Tensor:

@@ -1,7 +1,11 @@
 """What the fitted defences (refusal direction, MARS, IAR, RAS) share.
 
 * :class:`FittedSteerer`, their base class: registered with ``fitted`` true, built by
-  fitting on the contrastive sets (:meth:`FittedSteerer.build`).
+  fitting on the contrastive sets (:meth:`FittedSteerer.build`). ``fit`` takes the model,
+  its processor, the sets and one config object, the class's :attr:`FittedSteerer.fit_config`
+  (``RefusalFitConfig``, ``MARSFitConfig``, ``IARFitConfig``, ``RASFitConfig``, each beside its
+  steerer, a :class:`steering.config.Config` whose defaults are the faithful method); the
+  fitted steerer's report records it as ``fit_config``.
 * A saved steerer is a folder with ``steerer.safetensors`` (its tensors) and
   ``steerer.json`` (method name, format version, every parameter and the fit report):
   :func:`save_folder` / :func:`load_folder`. Extraction runs once; ``load(dir, model)``
@@ -16,12 +20,13 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from steering.config import Config
 from steering.steerers.base import BuildOptions, Steerer
 
 TENSORS_FILENAME = "steerer.safetensors"
@@ -33,6 +38,8 @@ class FittedSteerer(Steerer):
     """A defence fitted on contrastive sets (``fit``), saved to a folder (``save``) and loaded back (``load``)."""
 
     fitted = True
+    fit_config: ClassVar[type[Config]]
+    """The dataclass of ``fit``'s options; its defaults are the faithful method."""
 
     @classmethod
     def fit_sets(cls, sets) -> tuple:
@@ -41,9 +48,18 @@ class FittedSteerer(Steerer):
 
     @classmethod
     def build(cls, options: BuildOptions) -> FittedSteerer:
-        """Fit on ``options.sets`` (None: the shipped sets) with ``options.fit`` as ``fit``'s keyword options."""
+        """Fit on ``options.sets`` (None: the shipped sets) with ``options.fit`` (None: the defaults)."""
         sets = cls.fit_sets(options.sets) if options.sets is not None else ()
-        return cls.fit(options.model, options.processor, *sets, **options.fit)
+        return cls.fit(options.model, options.processor, *sets, config=options.fit)
+
+    @classmethod
+    def fit_options(cls, config: Config | None) -> Config:
+        """``config`` checked as this method's fit options (types and values); None: the defaults."""
+        if config is None:
+            return cls.fit_config()
+        if not isinstance(config, cls.fit_config):
+            raise TypeError(f"{cls.__name__}.fit takes a {cls.fit_config.__name__}, not a {type(config).__name__}")
+        return config.checked(cls.fit_config.__name__)
 
 
 def save_folder(path: str | Path, method: str, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> Path:

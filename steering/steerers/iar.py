@@ -29,12 +29,14 @@ response's last token as the read-out position. See docs/defences.md.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from steering.config import Config
 from steering.steerers.base import decoder_layers, register
 from steering.steerers.fitted import FittedSteerer, load_folder, save_folder
 
@@ -75,6 +77,50 @@ def revision_vector(x: torch.Tensor, y: torch.Tensor, direction: str, c: float =
     return torch.from_numpy(fit_probe(x, y, c, seed).coef_[0]).float()
 
 
+@dataclasses.dataclass
+class IARFitConfig(Config):
+    """The options of :meth:`IARSteerer.fit`; the defaults are the paper's best variant (docs/defences.md)."""
+
+    level: str = "head"
+    """``"head"`` (revise attention heads, the paper's best) or ``"layer"`` (revise decoder-layer outputs)."""
+    direction: str = "mms"
+    """Revision vector: ``"mms"`` (mean of refusals minus mean of compliant answers) or ``"pwd"`` (probe weight)."""
+    layers: list[int] | None = None
+    """Candidate decoder layers (None: every layer)."""
+    k: int | None = None
+    """Units kept by held-out probe accuracy (None: 48 heads, ITI's K, or 1 layer; not published)."""
+    alpha: float = 15.0
+    """Strength of the revision (ITI's 15; not published)."""
+    responses_per_query: int = 2
+    """Refusal and compliant responses paired with each harmful query (not published)."""
+    probe_c: float = 1.0
+    """Inverse L2 regularisation of the logistic probes (scikit-learn's C; not published)."""
+    validation_fraction: float = 0.3
+    """Share of the queries held out to score the probes (seeded split by query)."""
+    seed: int = 0
+    """Seed of the split and of the probes."""
+    positions: str = "last"
+    """``"last"`` (ITI's: the last position of every forward call) or ``"all"`` (every position)."""
+
+    def validate(self, where: str) -> None:
+        for name, allowed in (("level", LEVELS), ("direction", DIRECTIONS), ("positions", POSITIONS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{where}.{name}: {getattr(self, name)!r} is not one of {allowed}")
+        if self.layers is not None and (not self.layers or min(self.layers) < 0):
+            raise ValueError(f"{where}.layers: {self.layers!r}; give non-negative layer indices, or null for all layers")
+        for name in ("k", "responses_per_query"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{where}.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.probe_c > 0:
+            raise ValueError(f"{where}.probe_c must be > 0, got {self.probe_c}")
+        if not 0 < self.validation_fraction < 1:
+            raise ValueError(f"{where}.validation_fraction must be in (0, 1), got {self.validation_fraction}")
+
+    def units(self) -> int:
+        """How many units are kept: ``k``, or by default 48 heads (ITI's K) or 1 layer."""
+        return self.k if self.k is not None else (1 if self.level == "layer" else 48)
+
+
 @register("iar")
 class IARSteerer(FittedSteerer):
     """Add a revision vector at chosen layers or attention heads, every token (module docstring).
@@ -91,6 +137,8 @@ class IARSteerer(FittedSteerer):
         report: the fit's units, probe accuracies and parameters (saved with the steerer).
         positions: ``"last"`` (ITI's: the last position of each forward call) or ``"all"``.
     """
+
+    fit_config = IARFitConfig
 
     def __init__(self, model: nn.Module | None, vectors: dict[int, torch.Tensor], level: str = "head",
                  report: dict | None = None, positions: str = "last"):
@@ -166,28 +214,25 @@ class IARSteerer(FittedSteerer):
     @classmethod
     @torch.no_grad()
     def fit(cls, model: nn.Module, processor, harmful=None, refusal: Sequence[str] | None = None,
-            compliant: Sequence[str] | None = None, level: str = "head", direction: str = "mms",
-            layers: Sequence[int] | None = None, k: int | None = None, alpha: float = 15.0,
-            responses_per_query: int = 2, probe_c: float = 1.0, validation_fraction: float = 0.3,
-            seed: int = 0, positions: str = "last") -> IARSteerer:
+            compliant: Sequence[str] | None = None, config: IARFitConfig | None = None) -> IARSteerer:
         """Record the samples, probe every candidate unit, keep the top ``k`` (module docstring).
 
         ``harmful``: :class:`~steering.contrastive.PromptItem` queries (default: the shipped
         set; at least 2); ``refusal`` / ``compliant``: response strings (default: shipped).
-        ``layers``: candidate layers (default: all). ``level`` defaults to the paper's best
-        variant, head-level revision of the top ``k`` (48) heads.
+        ``config``: the options (None: the defaults, the paper's best variant, head-level
+        revision of the top 48 heads).
         """
         from steering.contrastive import ContrastiveSets, response_states
 
-        if level not in LEVELS or direction not in DIRECTIONS:
-            raise ValueError(f"level must be one of {LEVELS} and direction one of {DIRECTIONS}; got {level!r}, {direction!r}")
+        config = cls.fit_options(config)
+        level, direction, seed = config.level, config.direction, config.seed
+        responses_per_query = config.responses_per_query
         harmful, refusal, compliant = ContrastiveSets.with_defaults(harmful=harmful, refusal=refusal, compliant=compliant)
-        if len(harmful) < 2 or not refusal or not compliant or responses_per_query < 1:
-            raise ValueError("IAR needs at least 2 harmful queries, one refusal and one compliant response, "
-                             "and responses_per_query >= 1")
+        if len(harmful) < 2 or not refusal or not compliant:
+            raise ValueError("IAR needs at least 2 harmful queries, one refusal and one compliant response")
         modules = decoder_layers(model)
-        layers = list(range(len(modules))) if layers is None else sorted(set(int(l) for l in layers))
-        k = (1 if level == "layer" else 48) if k is None else int(k)
+        layers = list(range(len(modules))) if config.layers is None else sorted(set(config.layers))
+        k = config.units()
         queries, responses, labels, groups = [], [], [], []
         for i, query in enumerate(harmful):
             for j in range(responses_per_query):
@@ -206,23 +251,23 @@ class IARSteerer(FittedSteerer):
             units = {(l, h): heads[str(l)][:, h * width:(h + 1) * width]
                      for l in layers for h in range(heads[str(l)].shape[1] // width)}
         order = torch.randperm(len(harmful), generator=torch.Generator().manual_seed(seed)).tolist()
-        held = set(order[:min(max(1, round(validation_fraction * len(harmful))), len(harmful) - 1)])
+        held = set(order[:min(max(1, round(config.validation_fraction * len(harmful))), len(harmful) - 1)])
         val = torch.tensor([g in held for g in groups])
-        accuracy = {unit: float(fit_probe(x[~val], y[~val], probe_c, seed).score(x[val].double().numpy(), y[val].numpy()))
+        accuracy = {unit: float(fit_probe(x[~val], y[~val], config.probe_c, seed).score(x[val].double().numpy(),
+                                                                                        y[val].numpy()))
                     for unit, x in units.items()}
         chosen = sorted(units, key=lambda u: (-accuracy[u], u[0], u[1] or 0))[:k]
-        thetas = {unit: revision_vector(units[unit], y, direction, probe_c, seed) for unit in chosen}
-        report = {"level": level, "direction": direction, "alpha": alpha, "k": k, "positions": positions, "responses_per_query": responses_per_query,
-                  "probe_c": probe_c, "validation_fraction": validation_fraction, "seed": seed, "n_samples": len(labels),
+        thetas = {unit: revision_vector(units[unit], y, direction, config.probe_c, seed) for unit in chosen}
+        report = {"fit_config": dataclasses.asdict(config), "k": k, "n_samples": len(labels),
                   "units": [{"layer": l, "head": h, "accuracy": accuracy[(l, h)]} for l, h in chosen],
                   "accuracy": [{"layer": l, "head": h, "accuracy": a} for (l, h), a in accuracy.items()]}
         if level == "layer":
-            return cls.from_units(model, {l: thetas[(l, None)] for l, _ in chosen}, level, alpha, report=report,
-                                  positions=positions)
+            return cls.from_units(model, {l: thetas[(l, None)] for l, _ in chosen}, level, config.alpha, report=report,
+                                  positions=config.positions)
         sigmas = {u: (units[u] @ (t / t.norm())).std(unbiased=False).item() for u, t in thetas.items()}
         n_heads = heads[str(layers[0])].shape[1] // width
-        return cls.from_units(model, {u: (thetas[u], sigmas[u]) for u in chosen}, level, alpha, n_heads, width,
-                              report | {"sigmas": [sigmas[u] for u in chosen]}, positions)
+        return cls.from_units(model, {u: (thetas[u], sigmas[u]) for u in chosen}, level, config.alpha, n_heads, width,
+                              report | {"sigmas": [sigmas[u] for u in chosen]}, config.positions)
 
     def save(self, path: str | Path) -> Path:
         """Write the per-layer vectors and the report into the folder ``path``."""

@@ -30,12 +30,14 @@ The paper gives no exact equations; this is the reconstruction docs/methods.md d
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from steering.config import Config
 from steering.steerers.base import decoder_layers, register
 from steering.steerers.fitted import FittedSteerer, GenerationSteps, check_width, load_folder, save_folder
 
@@ -61,6 +63,37 @@ def layer_scores(harmful: torch.Tensor, harmless: torch.Tensor, fraction: float,
     return {"separability": separability, "consistency": consistency, "score": separability * max(consistency, 0.0)}
 
 
+@dataclasses.dataclass
+class MARSFitConfig(Config):
+    """The options of :meth:`MARSSteerer.fit` (a documented reconstruction: docs/defences.md)."""
+
+    layers: list[int] | None = None
+    """Candidate decoder layers (None: all but the first and the last)."""
+    validation_fraction: float = 0.5
+    """Share of each text-only set held out to score the candidate layers (seeded)."""
+    n_images: int = 8
+    """Plain random-colour images measuring the re-centering offset (multimodal models)."""
+    image_size: int = 32
+    """Side of those images in pixels."""
+    seed: int = 0
+    """Seed of the validation split and of the images."""
+    strength: float = 1.0
+    """Gain of the gate (not published)."""
+    batch_size: int = 8
+    """Prompts per forward pass while fitting."""
+
+    def validate(self, where: str) -> None:
+        if self.layers is not None and (not self.layers or min(self.layers) < 0):
+            raise ValueError(f"{where}.layers: {self.layers!r}; give non-negative layer indices, or null for the default")
+        if not 0 < self.validation_fraction < 1:
+            raise ValueError(f"{where}.validation_fraction must be in (0, 1), got {self.validation_fraction}")
+        for name in ("n_images", "image_size", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{where}.{name} must be >= 1, got {getattr(self, name)}")
+        if self.strength < 0:
+            raise ValueError(f"{where}.strength must be >= 0, got {self.strength}")
+
+
 @register("mars")
 class MARSSteerer(FittedSteerer):
     """Gated, trust-region refusal steering at one layer, first generated token only (module docstring).
@@ -80,6 +113,8 @@ class MARSSteerer(FittedSteerer):
             are then re-centred (see :meth:`before_generation`).
         report: the fit's layer scores (saved with the steerer).
     """
+
+    fit_config = MARSFitConfig
 
     def __init__(self, model: nn.Module | None, direction: torch.Tensor, layer: int, offset: torch.Tensor,
                  safe_centroid: float, unsafe_centroid: float, strength: float = 1.0, recenter: bool = True,
@@ -158,46 +193,44 @@ class MARSSteerer(FittedSteerer):
 
     @classmethod
     @torch.no_grad()
-    def fit(cls, model: nn.Module, processor, harmful=None, harmless=None, layers: Sequence[int] | None = None,
-            validation_fraction: float = 0.5, n_images: int = 8, image_size: int = 32, seed: int = 0,
-            strength: float = 1.0, batch_size: int = 8) -> MARSSteerer:
+    def fit(cls, model: nn.Module, processor, harmful=None, harmless=None,
+            config: MARSFitConfig | None = None) -> MARSSteerer:
         """Choose the layer, extract the direction, centroids and re-centering offset (module docstring).
 
         ``harmful`` / ``harmless``: text-only :class:`~steering.contrastive.PromptItem` lists
-        (default: the shipped sets), at least 2 each. ``layers``: candidate layers
-        (default: all but the first and last). For a text-only model the offset is zero
-        and ``recenter`` False.
+        (default: the shipped sets), at least 2 each. ``config``: the options (None: the
+        defaults). For a text-only model the offset is zero and ``recenter`` False.
         """
         from steering.contrastive import ContrastiveSets, neutral_images, prompt_states
         from steering.models import get_adapter
 
+        config = cls.fit_options(config)
+        batch_size, seed, n_images = config.batch_size, config.seed, config.n_images
         harmful, harmless = ContrastiveSets.with_defaults(harmful=harmful, harmless=harmless)
         if len(harmful) < 2 or len(harmless) < 2:
             raise ValueError("MARS needs at least 2 harmful and 2 harmless prompts (training and validation halves)")
         if any(item.image for item in (*harmful, *harmless)):
             raise ValueError("MARS fits its direction on text-only prompts; drop the images from the prompt files")
-        if not 0 < validation_fraction < 1:
-            raise ValueError(f"validation_fraction must be in (0, 1), not {validation_fraction}")
         n_layers = len(decoder_layers(model))
-        layers = list(layers) if layers is not None else list(range(1, n_layers - 1)) or list(range(n_layers))
+        layers = list(config.layers) if config.layers is not None else list(range(1, n_layers - 1)) or list(range(n_layers))
         text_h = {l: s[:, -1] for l, s in prompt_states(model, processor, harmful, layers, batch_size=batch_size).items()}
         text_s = {l: s[:, -1] for l, s in prompt_states(model, processor, harmless, layers, batch_size=batch_size).items()}
-        scores = {l: layer_scores(text_h[l], text_s[l], validation_fraction, seed) for l in layers}
+        scores = {l: layer_scores(text_h[l], text_s[l], config.validation_fraction, seed) for l in layers}
         layer = max(layers, key=lambda l: (scores[l]["score"], -l))
         direction = text_h[layer].mean(0) - text_s[layer].mean(0)
         unit = direction / direction.norm()
         safe, unsafe = (text_s[layer] @ unit).mean().item(), (text_h[layer] @ unit).mean().item()
         multimodal = get_adapter(model).takes_images
         if multimodal:
-            images = neutral_images(n_images, seed, image_size)
+            images = neutral_images(n_images, seed, config.image_size)
             paired = [images[i % n_images] for i in range(len(harmless))]
             with_images = prompt_states(model, processor, harmless, [layer], images=paired, batch_size=batch_size)[layer][:, -1]
             offset = with_images.mean(0) - text_s[layer].mean(0)
         else:
             offset = torch.zeros_like(direction)
-        report = {"layer_scores": {str(l): v for l, v in scores.items()}, "validation_fraction": validation_fraction,
-                  "n_images": n_images if multimodal else 0, "image_size": image_size, "seed": seed}
-        return cls(model, direction, layer, offset, safe, unsafe, strength, multimodal, report)
+        report = {"fit_config": dataclasses.asdict(config), "layer_scores": {str(l): v for l, v in scores.items()},
+                  "n_images": n_images if multimodal else 0}
+        return cls(model, direction, layer, offset, safe, unsafe, config.strength, multimodal, report)
 
     def save(self, path: str | Path) -> Path:
         """Write the direction, offset and parameters into the folder ``path``."""

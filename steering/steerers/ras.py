@@ -36,6 +36,7 @@ carry an image). Batches must be left-padded (as generation is).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,6 +44,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from steering.config import Config
 from steering.steerers.base import decoder_layers, register
 from steering.steerers.fitted import FittedSteerer, GenerationSteps, check_width, final_norm, load_folder, save_folder
 
@@ -60,6 +62,42 @@ REFORMULATION = "{context} {query}"
 def risk_weights(n_tokens: int, gamma: float) -> torch.Tensor:
     """``gamma^n`` for n = 1..N, float32 [N]."""
     return gamma ** torch.arange(1, n_tokens + 1, dtype=torch.float32)
+
+
+def check_settings(gamma: float, reformulation: str, risk_prompt: str, where: str) -> None:
+    """Raise ValueError naming ``where`` unless ``0 < gamma <= 1`` and the prompts hold their fields."""
+    if not 0 < gamma <= 1:
+        raise ValueError(f"{where}.gamma must be in (0, 1], not {gamma}")
+    if "{context}" not in reformulation or "{query}" not in reformulation:
+        raise ValueError(f"{where}.reformulation must contain the fields {{context}} and {{query}}")
+    if "{query}" not in risk_prompt:
+        raise ValueError(f"{where}.risk_prompt must contain the field {{query}}")
+
+
+@dataclasses.dataclass
+class RASFitConfig(Config):
+    """The options of :meth:`RASSteerer.fit`; the defaults and prompts are the authors' (docs/defences.md)."""
+
+    n_tokens: int = 3
+    """N: generated tokens scored and steered."""
+    gamma: float = 0.3
+    """Discount of the risk score over the N tokens."""
+    context_tokens: int = 40
+    """Most new tokens of step 1's visual context."""
+    keep_image: bool = True
+    """Whether step 2 (the risk) sees the image too."""
+    reformulation: str = REFORMULATION
+    """The reformulated query from ``{context}`` and ``{query}``."""
+    context_instruction: str = CONTEXT_INSTRUCTION
+    """Step 1's instruction about the image."""
+    risk_prompt: str = RISK_PROMPT
+    """Step 2's safety wrapper around the reformulated ``{query}``."""
+
+    def validate(self, where: str) -> None:
+        for name in ("n_tokens", "context_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{where}.{name} must be >= 1, got {getattr(self, name)}")
+        check_settings(self.gamma, self.reformulation, self.risk_prompt, where)
 
 
 @register("ras")
@@ -80,6 +118,8 @@ class RASSteerer(FittedSteerer):
         report: calibration details (saved with the steerer).
     """
 
+    fit_config = RASFitConfig
+
     def __init__(self, model: nn.Module | None, prototypes: torch.Tensor, s_base: float, gamma: float = 0.3,
                  context_tokens: int = 40, keep_image: bool = True, reformulation: str = REFORMULATION,
                  context_instruction: str = CONTEXT_INSTRUCTION, risk_prompt: str = RISK_PROMPT,
@@ -89,12 +129,7 @@ class RASSteerer(FittedSteerer):
             raise ValueError(f"prototypes must be [n_tokens, d], got shape {tuple(prototypes.shape)}")
         if not s_base < 1:
             raise ValueError(f"s_base must be below 1 (got {s_base}): k = ln 99 / (1 - s_base) needs it")
-        if not 0 < gamma <= 1:
-            raise ValueError(f"gamma must be in (0, 1], not {gamma}")
-        if "{context}" not in reformulation or "{query}" not in reformulation:
-            raise ValueError("reformulation must contain the fields {context} and {query}")
-        if "{query}" not in risk_prompt:
-            raise ValueError("risk_prompt must contain the field {query}")
+        check_settings(gamma, reformulation, risk_prompt, "RASSteerer")
         check_width("RASSteerer", prototypes, model, "the prototypes")
         super().__init__(model, (len(decoder_layers(model)) - 1,) if model is not None else ())
         self.prototypes, self.s_base, self.gamma = prototypes, float(s_base), float(gamma)
@@ -249,25 +284,26 @@ class RASSteerer(FittedSteerer):
 
     @classmethod
     @torch.no_grad()
-    def fit(cls, model: nn.Module, processor, unsafe=None, benign=None, n_tokens: int = 3, gamma: float = 0.3,
-            context_tokens: int = 40, keep_image: bool = True, reformulation: str = REFORMULATION,
-            context_instruction: str = CONTEXT_INSTRUCTION, risk_prompt: str = RISK_PROMPT) -> RASSteerer:
+    def fit(cls, model: nn.Module, processor, unsafe=None, benign=None, config: RASFitConfig | None = None) -> RASSteerer:
         """Unsafe prototypes from text-only ``unsafe`` prompts, then ``S_base`` over ``benign`` items.
 
         ``unsafe`` / ``benign``: :class:`~steering.contrastive.PromptItem` lists (default:
         the shipped harmful / harmless sets); unsafe prompts must be text-only, benign
-        items may carry images (they go through the visual-context step).
+        items may carry images (they go through the visual-context step). ``config``: the
+        options (None: the authors').
         """
         from steering.contrastive import ContrastiveSets, open_image
 
+        config = cls.fit_options(config)
+        settings = (config.gamma, config.context_tokens, config.keep_image, config.reformulation,
+                    config.context_instruction, config.risk_prompt)
         unsafe, benign = ContrastiveSets.with_defaults(harmful=unsafe, harmless=benign)
-        if not unsafe or not benign or n_tokens < 1:
-            raise ValueError("RAS needs unsafe and benign prompts and n_tokens >= 1")
+        if not unsafe or not benign:
+            raise ValueError("RAS needs unsafe and benign prompts")
         if any(item.image for item in unsafe):
             raise ValueError("RAS's unsafe prototypes come from text-only prompts; drop the images from the unsafe file")
         width = model.get_input_embeddings().weight.shape[1]
-        probe = cls(model, torch.zeros(n_tokens, width), 0.0, gamma, context_tokens, keep_image, reformulation,
-                    context_instruction, risk_prompt)
+        probe = cls(model, torch.zeros(config.n_tokens, width), 0.0, *settings)
         prototypes = torch.stack([probe.final_states(processor, item.prompt) for item in unsafe]).mean(0)
         probe.prototypes = prototypes
         scores = [probe.assess(processor, item.prompt, open_image(item.image))["score"] for item in benign]
@@ -275,9 +311,9 @@ class RASSteerer(FittedSteerer):
         if s_base >= 1:
             raise ValueError(f"benign items score S_base={s_base:.4f} >= 1 against the unsafe prototypes: they cannot be "
                              "told apart; use more distinct unsafe and benign sets")
-        report = {"n_unsafe": len(unsafe), "n_benign": len(benign), "benign_scores": scores}
-        return cls(model, prototypes, s_base, gamma, context_tokens, keep_image, reformulation, context_instruction,
-                   risk_prompt, report)
+        report = {"fit_config": dataclasses.asdict(config), "n_unsafe": len(unsafe), "n_benign": len(benign),
+                  "benign_scores": scores}
+        return cls(model, prototypes, s_base, *settings, report)
 
     def save(self, path: str | Path) -> Path:
         """Write the prototypes and the calibration into the folder ``path``."""

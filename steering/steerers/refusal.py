@@ -35,12 +35,14 @@ the paper's l + 1. The even/odd split and the refusal phrases are parameters.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from steering.config import Config
 from steering.steerers.base import decoder_layers, register
 from steering.steerers.fitted import FittedSteerer, check_width, load_folder, save_folder
 
@@ -120,6 +122,43 @@ def select_candidate(candidates: Sequence[dict], kl_threshold: float, induce_thr
     return min(passing, key=lambda c: (c["bypass_score"], c["kl"]))
 
 
+@dataclasses.dataclass
+class RefusalFitConfig(Config):
+    """The options of :meth:`RefusalDirectionSteerer.fit`; the defaults are Arditi et al.'s (docs/defences.md)."""
+
+    mode: str = "addition"
+    """``"addition"`` (the defence) or ``"ablation"`` (**an attack**: Arditi et al.'s jailbreak)."""
+    kl_threshold: float = 0.1
+    """Discard candidates whose ablation KL on harmless prompts exceeds this (Arditi et al.'s 0.1)."""
+    induce_threshold: float = 0.0
+    """Discard candidates whose induce score is below this (Arditi et al.'s 0.0; -inf keeps all, e.g. for an
+    untrained model that never refuses)."""
+    skip_last: float = 0.2
+    """Share of the last layers never selected (Arditi et al.'s 20%)."""
+    refusal_phrases: tuple[str, ...] = REFUSAL_PHRASES
+    """Refusal openings whose first tokens form the refusal token set R."""
+    n_positions: int | None = None
+    """Post-instruction positions tried, counted from the end (None: all of them)."""
+    coefficient: float = 1.0
+    """Scale of the direction added in addition mode."""
+    batch_size: int = 8
+    """Prompts per forward pass while fitting."""
+
+    def validate(self, where: str) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"{where}.mode: {self.mode!r} is not one of {MODES}")
+        if not self.kl_threshold >= 0:
+            raise ValueError(f"{where}.kl_threshold must be >= 0, got {self.kl_threshold}")
+        if not 0 <= self.skip_last < 1:
+            raise ValueError(f"{where}.skip_last must be in [0, 1), got {self.skip_last}")
+        if not self.refusal_phrases or not all(self.refusal_phrases):
+            raise ValueError(f"{where}.refusal_phrases: give the non-empty refusal openings whose first tokens count "
+                             "as refusal")
+        for name in ("n_positions", "batch_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{where}.{name} must be >= 1, got {getattr(self, name)}")
+
+
 @register("refusal")
 class RefusalDirectionSteerer(FittedSteerer):
     """Add the refusal direction at its layer (the defence), or ablate it everywhere (the attack).
@@ -136,6 +175,8 @@ class RefusalDirectionSteerer(FittedSteerer):
         position: the post-instruction position r was taken from (negative; recorded only).
         report: the fit's selection report (saved with the steerer).
     """
+
+    fit_config = RefusalFitConfig
 
     def __init__(self, model: nn.Module | None, direction: torch.Tensor, layer: int, mode: str = "addition",
                  coefficient: float = 1.0, position: int = -1, report: dict | None = None):
@@ -203,31 +244,31 @@ class RefusalDirectionSteerer(FittedSteerer):
 
     @classmethod
     @torch.no_grad()
-    def fit(cls, model: nn.Module, processor, harmful=None, harmless=None, mode: str = "addition",
-            kl_threshold: float = 0.1, induce_threshold: float = 0.0, skip_last: float = 0.2, refusal_phrases: Sequence[str] = REFUSAL_PHRASES,
-            n_positions: int | None = None, coefficient: float = 1.0, batch_size: int = 8) -> RefusalDirectionSteerer:
+    def fit(cls, model: nn.Module, processor, harmful=None, harmless=None,
+            config: RefusalFitConfig | None = None) -> RefusalDirectionSteerer:
         """Extract the candidates and select one by the rule in the module docstring.
 
         ``harmful`` / ``harmless``: lists of :class:`steering.contrastive.PromptItem`
         (default: the shipped sets); at least 2 of each (one for directions, one for
-        selection). ``n_positions``: how many post-instruction positions to try (default:
-        all of them). ``induce_threshold``: the least induce score kept (Arditi et al.'s
-        0.0; ``-math.inf`` keeps all, e.g. for an untrained model that never refuses).
-        Raises ValueError when no candidate passes the filters, naming the filter.
+        selection). ``config``: the options (None: Arditi et al.'s; an untrained model that
+        never refuses needs ``induce_threshold=-math.inf``). Raises ValueError when no
+        candidate passes the filters, naming the filter.
         """
         from steering.contrastive import ContrastiveSets, post_instruction_positions, prompt_states
 
+        config = cls.fit_options(config)
+        batch_size = config.batch_size
         harmful, harmless = ContrastiveSets.with_defaults(harmful=harmful, harmless=harmless)
         if len(harmful) < 2 or len(harmless) < 2:
             raise ValueError("fit needs at least 2 harmful and 2 harmless prompts (half extract, half select)")
         if any(item.image for item in (*harmful, *harmless)):
             raise ValueError("the refusal direction is fitted on text-only prompts; drop the images from the prompt files")
         n_layers = len(decoder_layers(model))
-        allowed = allowed_layers(n_layers, skip_last)
+        allowed = allowed_layers(n_layers, config.skip_last)
         if not allowed:
-            raise ValueError(f"skip_last={skip_last} leaves no layer of {n_layers} to choose from")
+            raise ValueError(f"skip_last={config.skip_last} leaves no layer of {n_layers} to choose from")
         available = post_instruction_positions(model, processor)
-        n_positions = available if n_positions is None else min(int(n_positions), available)
+        n_positions = available if config.n_positions is None else min(config.n_positions, available)
         if n_positions < 1:
             raise ValueError("the chat template puts no token after the instruction; cannot take post-instruction positions")
         layers = range(n_layers)
@@ -236,7 +277,7 @@ class RefusalDirectionSteerer(FittedSteerer):
         mean_harmless = {l: s.mean(0) for l, s in prompt_states(model, processor, harmless[0::2], layers, n_positions,
                                                                 batch_size=batch_size).items()}
         tokenizer = getattr(processor, "tokenizer", processor)
-        ids = refusal_token_ids(tokenizer, refusal_phrases)
+        ids = refusal_token_ids(tokenizer, config.refusal_phrases)
         select_harmful = encode_prompts(model, processor, [item.prompt for item in harmful[1::2]], batch_size)
         select_harmless = encode_prompts(model, processor, [item.prompt for item in harmless[1::2]], batch_size)
         base = torch.log_softmax(next_token_logits(model, select_harmless), -1)
@@ -250,17 +291,17 @@ class RefusalDirectionSteerer(FittedSteerer):
                 with cls(model, direction, layer, "ablation"):
                     ablated = torch.log_softmax(next_token_logits(model, select_harmless), -1)
                     bypass = refusal_score(next_token_logits(model, select_harmful), ids)
-                with cls(model, direction, layer, "addition", coefficient):
+                with cls(model, direction, layer, "addition", config.coefficient):
                     induce = refusal_score(next_token_logits(model, select_harmless), ids)
                 kl = (base.exp() * (base - ablated)).sum(-1).mean().item()
                 candidates.append({"layer": layer, "position": i - n_positions, "kl": kl,
                                    "induce_score": induce.mean().item(), "bypass_score": bypass.mean().item(),
                                    "direction": direction})
-        best = select_candidate(candidates, kl_threshold, induce_threshold)
-        report = {"allowed_layers": allowed, "n_layers": n_layers, "n_positions": n_positions, "kl_threshold": kl_threshold,
-                  "induce_threshold": induce_threshold, "skip_last": skip_last, "refusal_phrases": list(refusal_phrases), "refusal_token_ids": ids,
+        best = select_candidate(candidates, config.kl_threshold, config.induce_threshold)
+        report = {"fit_config": dataclasses.asdict(config), "allowed_layers": allowed, "n_layers": n_layers,
+                  "n_positions": n_positions, "refusal_token_ids": ids,
                   "candidates": [{k: v for k, v in c.items() if k != "direction"} for c in candidates]}
-        return cls(model, best["direction"], best["layer"], mode, coefficient, best["position"], report)
+        return cls(model, best["direction"], best["layer"], config.mode, config.coefficient, best["position"], report)
 
     # -- storage ----------------------------------------------------------------------------
 
