@@ -154,7 +154,7 @@ def _read_layer(path: Path, layer: int) -> tuple[list[str], np.ndarray, np.ndarr
     try:
         table, mat = read_dictionary_file(path)
     except DictionaryError as exc:
-        raise ReportError(f"{exc}; re-run `daco build`") from None
+        raise ReportError(str(exc)) from None
     rows = np.asarray(table.column("layer").to_numpy()) == layer
     ids = [c for c, keep in zip(table.column("concept_id").to_pylist(), rows) if keep]
     return ids, mat[rows], np.asarray(table.column("norm").to_numpy(), np.float32)[rows]

@@ -124,7 +124,7 @@ def test_yaml_tags_in_a_config_never_execute(tmp_path):
     (lambda f: (f / "dictionary" / "layer_015.parquet").write_bytes(
         (f / "dictionary" / "layer_015.parquet").read_bytes()[:300]), "layer_015.parquet: not a readable parquet file"),
     (lambda f: (f / "concepts.parquet").write_bytes(b"PAR1 not really"), "concepts.parquet: not a readable parquet file"),
-    (lambda f: _nan_direction(f / "dictionary" / "layer_016.parquet"), "layer_016.parquet: 1 direction(s) at layer 16 contain NaN/inf"),
+    (lambda f: _nan_direction(f / "dictionary" / "layer_016.parquet"), "layer_016.parquet: 1 direction(s) contain NaN/inf, e.g. ['planted0.n.01@16']"),
 ])
 def test_report_names_a_damaged_file(dataset_folder, tmp_path, capsys, damage, named):
     out = shutil.copytree(dataset_folder, tmp_path / "out")

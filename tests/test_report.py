@@ -133,7 +133,7 @@ def test_a_nan_direction_is_refused_by_the_dictionary_loaders_own_check(reported
     values[3] = np.nan
     broken = pa.FixedSizeListArray.from_arrays(pa.array(values), column.type.list_size)
     pq.write_table(table.set_column(table.column_names.index("direction"), "direction", broken), path)
-    with pytest.raises(ReportError, match=r"direction\(s\) contain NaN/inf(.|\n)*re-run `daco build`"):
+    with pytest.raises(ReportError, match=r"direction\(s\) contain NaN/inf, e.g. .*; re-run the directions stage"):
         make_report(out, layer=int(table.column("layer")[0].as_py()))
 
 
