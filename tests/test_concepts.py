@@ -76,6 +76,27 @@ def test_group_factor_lowers_persons_and_abstract_persons_are_out(full):
     assert not ids & {"cousin.n.01", "nephew.n.01", "stepson.n.01", "creditor.n.01", "rival.n.01"}
 
 
+def test_subtree_factors_give_visible_acts_and_the_outside_of_the_body_full_weight():
+    """noun.act, noun.body and noun.substance are lowered, but sports, games, locomotion and the outside
+    of the body keep full weight (``subtree_weights``); the most specific listed subtree wins."""
+    selector = ConceptSelector(ConceptsConfig())
+
+    def factor(sel, name):
+        return sel.group_weight(sel.wn.synset(name))
+
+    assert [factor(selector, n) for n in ("swimming.n.01", "tennis.n.01", "walk.n.01", "eye.n.01", "hand.n.01",
+                                          "tooth.n.01")] == [1.0] * 6
+    assert factor(selector, "visit.n.03") == factor(selector, "occupation.n.01") == 0.5      # noun.act
+    assert factor(selector, "quadriceps.n.01") == 0.7 and factor(selector, "potash.n.01") == 0.7
+    nested = ConceptSelector(ConceptsConfig(subtree_weights={"act.n.02": 0.2, "sport.n.01": 0.9}))
+    assert factor(nested, "swimming.n.01") == 0.9 and factor(nested, "occupation.n.01") == 0.2
+    assert factor(nested, "eye.n.01") == 0.7                                                  # back to noun.body's
+    with pytest.raises(ValueError, match="subtree_weights: 'no_such.n.01' is not a WordNet synset"):
+        ConceptSelector(ConceptsConfig(subtree_weights={"no_such.n.01": 1.0}))
+    with pytest.raises(ValueError, match="subtree_weights must be in"):
+        ConceptsConfig.from_dict({"subtree_weights": {"sport.n.01": 1.5}})
+
+
 def test_unrated_leaves_inherit_a_rated_hypernym_and_only_when_asked():
     from transforms.picturability import Ratings
 

@@ -55,10 +55,18 @@ WEIGHT_NAMES = ("concreteness", "visual", "frequency")
 # Default ``group_weights`` (docs/concepts.md, "Ranking"): groups of persons, acts, events and
 # abstractions, whose words can be concrete and visual while the sense is not.
 ABSTRACT_GROUP_WEIGHTS = {
-    "noun.person": 0.5, "noun.act": 0.7, "noun.event": 0.8, "noun.process": 0.7, "noun.communication": 0.4,
+    "noun.person": 0.5, "noun.act": 0.5, "noun.body": 0.7, "noun.substance": 0.7, "noun.event": 0.8,
+    "noun.process": 0.7, "noun.communication": 0.4,
     "noun.group": 0.4, "noun.possession": 0.4, "noun.state": 0.3, "noun.cognition": 0.3,
     "noun.attribute": 0.3, "noun.feeling": 0.3, "noun.time": 0.3, "noun.relation": 0.3, "noun.motive": 0.3,
     "noun.quantity": 0.3,
+}
+# Default ``subtree_weights``: the parts of those groups a photo shows (docs/concepts.md, "Ranking"):
+# sports, games and dancing, moving about, touching and embracing; the outside of the body and the bones.
+VISIBLE_SUBTREE_WEIGHTS = {
+    "diversion.n.01": 1.0, "athletic_game.n.01": 1.0, "locomotion.n.02": 1.0, "touch.n.05": 1.0,
+    "embrace.n.01": 1.0, "external_body_part.n.01": 1.0, "sense_organ.n.01": 1.0, "body_covering.n.01": 1.0,
+    "bone.n.01": 1.0,
 }
 
 SCHEMA = pa.schema([
@@ -118,7 +126,12 @@ class ConceptsConfig(StageConfig):
         compensated_product: see ``compensated_visual``.
         group_weights: a factor on the score (and on the sense evidence) per WordNet lexicographer
             group; unlisted groups 1. The default lowers groups whose members are mostly defined
-            by something a photo cannot show (a person's job, relation or opinion; an act's purpose).
+            by something a photo cannot show (a person's job, relation or opinion; an act's purpose;
+            the inside of the body).
+        subtree_weights: a factor per WordNet subtree (synset id -> factor) that replaces the group's
+            for the synsets under it; the most specific listed subtree wins. The default gives the
+            visible parts of the lowered groups their full weight: sports, games, dancing, locomotion,
+            touching; the outside of the body (external parts, sense organs, hair and skin).
         inherit_groups: lexicographer groups whose synsets no lemma of which is rated take the
             concreteness and visual strength of their nearest rated hypernym, up to
             ``inherit_levels`` levels up (species, breeds, named tools), with their own frequency.
@@ -156,6 +169,7 @@ class ConceptsConfig(StageConfig):
     compensated_visual: float = 2.5
     compensated_product: float | None = 0.5
     group_weights: dict[str, float] = field(default_factory=lambda: dict(ABSTRACT_GROUP_WEIGHTS))
+    subtree_weights: dict[str, float] = field(default_factory=lambda: dict(VISIBLE_SUBTREE_WEIGHTS))
     inherit_groups: list[str] = field(default_factory=lambda: ["noun.animal", "noun.plant", "noun.food",
                                                                "noun.artifact"])
     inherit_levels: int = 2
@@ -185,8 +199,9 @@ class ConceptsConfig(StageConfig):
             if bad_groups:
                 raise ValueError(f"{where}.{option}: {bad_groups} are not WordNet lexicographer groups "
                                  "(noun.object, noun.person, ...)")
-        if any(not 0 <= w <= 1 for w in self.group_weights.values()):
-            raise ValueError(f"{where}.group_weights must be in [0, 1], got {self.group_weights}")
+        for option in ("group_weights", "subtree_weights"):
+            if any(not 0 <= w <= 1 for w in getattr(self, option).values()):
+                raise ValueError(f"{where}.{option} must be in [0, 1], got {getattr(self, option)}")
         if self.inherit_levels < 0:
             raise ValueError(f"{where}.inherit_levels must be >= 0, got {self.inherit_levels}")
         if self.compensated_product is not None and not (0 <= self.compensated_product <= 1
@@ -224,6 +239,7 @@ class ConceptSelector:
         self.senses = self._read_sense_index()
         self.ratings = Ratings(cfg.lemma_combine)
         self.weights = cfg.weight_tuple()
+        self.subtree_factors = self._subtree_factors()
 
     def _closure(self, roots: Iterable[str]) -> set[str]:
         seen: set[str] = set()
@@ -259,11 +275,27 @@ class ConceptSelector:
             words += [lemma.name() for s in level for lemma in s.lemmas()]
         scores = sorted((x for w in words if (x := self.ratings.word_score(w, self.weights)) is not None),
                         reverse=True)
-        return sum(scores[: self.cfg.sense_top]) * self.group_weight(synset.lexname())
+        return sum(scores[: self.cfg.sense_top]) * self.group_weight(synset)
 
-    def group_weight(self, group: str) -> float:
-        """``group_weights`` factor of a lexicographer group (1 when unlisted)."""
-        return self.cfg.group_weights.get(group, 1.0)
+    def group_weight(self, synset) -> float:
+        """The factor of a synset: its most specific ``subtree_weights`` subtree's, else its
+        lexicographer group's ``group_weights`` factor, else 1."""
+        factor = self.subtree_factors.get(synset.name())
+        return factor if factor is not None else self.cfg.group_weights.get(synset.lexname(), 1.0)
+
+    def _subtree_factors(self) -> dict[str, float]:
+        """{synset id: factor} for every synset under a ``subtree_weights`` root; deeper roots win."""
+        roots = []
+        for root, factor in self.cfg.subtree_weights.items():
+            try:
+                synset = self.wn.synset(root)
+            except Exception as exc:
+                raise ValueError(f"concepts.subtree_weights: {root!r} is not a WordNet synset ({exc})") from None
+            roots.append((synset.min_depth(), root, factor))
+        factors = {}
+        for _depth, root, factor in sorted(roots):
+            factors.update(dict.fromkeys(self._closure([root]), factor))
+        return factors
 
     def inherited(self, synset) -> tuple[Evidence | None, str | None]:
         """(evidence, hypernym id) for an unrated synset in ``inherit_groups``: the ratings of its nearest
@@ -306,7 +338,7 @@ class ConceptSelector:
         if frequency < cfg.min_frequency:
             return None, "min_frequency"
         lemma_names = [lemma.name() for lemma in lemmas]
-        factor = self.group_weight(synset.lexname())
+        factor = self.group_weight(synset)
         evidence, rated_by = self.ratings.synset(lemma_names), "lemmas"
         if evidence is None:
             evidence, rated_by = self.inherited(synset)
