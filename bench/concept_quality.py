@@ -2,7 +2,7 @@
 tree (default /work/main, or any checkout given with --baseline), on the checks the issue names.
 
 Figures, each for both trees: how many of the listed everyday picturable synsets and of the
-listed unpicturable ones are in the list, which sense wins hammer / cake / castle / fire,
+listed unpicturable ones are in the list, which senses are labelled hammer / cake / castle / fire,
 how many labels of the polarity audit list (tests/test_polarity.py) are right, and a seeded
 random sample of 100 kept concepts (seed 15) judged by hand in bench/concept_sample_judgements.json
 (the judging criterion is written there; concepts not judged yet are printed to be judged and added).
@@ -77,8 +77,10 @@ labels = polarity_table(wn, load_lexicon(None))
 audit = json.loads(sys.argv[1])
 right = sum(labels.get(wn.synset(k).name(), ("neutral", ""))[0] == v for k, v in audit.items())
 sample = random.Random({seed}).sample(rows, {size})
-print("RESULT=" + json.dumps({{"ids": [r["concept_id"] for r in rows], "lemmas": {{r["lemma"]: r["concept_id"]
-      for r in rows}}, "audit_right": right, "audit_total": len(audit), "wall_s": wall, "cpu_s": cpu,
+senses = {{}}
+for r in rows:
+    senses.setdefault(r["lemma"], []).append(r["concept_id"])
+print("RESULT=" + json.dumps({{"ids": [r["concept_id"] for r in rows], "lemmas": senses, "audit_right": right, "audit_total": len(audit), "wall_s": wall, "cpu_s": cpu,
       "sample": [[r["concept_id"], r["definition"]] for r in sample]}}))
 """
 
@@ -117,7 +119,7 @@ def main() -> None:
         print(f"  everyday picturable present: {len(r['everyday_present'])}/{len(EVERYDAY)} "
               f"(missing: {sorted(set(EVERYDAY) - set(r['everyday_present']))})")
         print(f"  unpicturable present: {len(r['unpicturable_present'])}/{len(UNPICTURABLE)} {r['unpicturable_present']}")
-        print(f"  senses: {r['senses']} (want {SENSES})")
+        print(f"  senses: {r['senses']} (want among them {SENSES})")
         print(f"  polarity audit list right: {r['audit_right']}/{r['audit_total']}")
     for name, r in results.items():
         if r["sample_unjudged"]:

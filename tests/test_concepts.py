@@ -76,6 +76,27 @@ def test_group_factor_lowers_persons_and_abstract_persons_are_out(full):
     assert not ids & {"cousin.n.01", "nephew.n.01", "stepson.n.01", "creditor.n.01", "rival.n.01"}
 
 
+def test_subtree_factors_give_visible_acts_and_the_outside_of_the_body_full_weight():
+    """noun.act, noun.body and noun.substance are lowered, but sports, games, locomotion and the outside
+    of the body keep full weight (``subtree_weights``); the most specific listed subtree wins."""
+    selector = ConceptSelector(ConceptsConfig())
+
+    def factor(sel, name):
+        return sel.group_weight(sel.wn.synset(name))
+
+    assert [factor(selector, n) for n in ("swimming.n.01", "tennis.n.01", "walk.n.01", "eye.n.01", "hand.n.01",
+                                          "tooth.n.01")] == [1.0] * 6
+    assert factor(selector, "visit.n.03") == factor(selector, "occupation.n.01") == 0.5      # noun.act
+    assert factor(selector, "quadriceps.n.01") == 0.7 and factor(selector, "potash.n.01") == 0.7
+    nested = ConceptSelector(ConceptsConfig(subtree_weights={"act.n.02": 0.2, "sport.n.01": 0.9}))
+    assert factor(nested, "swimming.n.01") == 0.9 and factor(nested, "occupation.n.01") == 0.2
+    assert factor(nested, "eye.n.01") == 0.7                                                  # back to noun.body's
+    with pytest.raises(ValueError, match="subtree_weights: 'no_such.n.01' is not a WordNet synset"):
+        ConceptSelector(ConceptsConfig(subtree_weights={"no_such.n.01": 1.0}))
+    with pytest.raises(ValueError, match="subtree_weights must be in"):
+        ConceptsConfig.from_dict({"subtree_weights": {"sport.n.01": 1.5}})
+
+
 def test_unrated_leaves_inherit_a_rated_hypernym_and_only_when_asked():
     from transforms.picturability import Ratings
 
@@ -128,20 +149,69 @@ def test_abstract_undesirable_subtrees_are_included(full):
     assert {"crime.n.01", "violence.n.01", "murder.n.01"} <= ids
 
 
-def test_one_concept_per_lemma(full):
-    lemmas = [r["lemma"] for r in full]
-    assert len(lemmas) == len(set(lemmas))
+def _senses(rows) -> dict[str, set[str]]:
+    """{lemma: the concept ids labelled with it}."""
+    senses: dict[str, set[str]] = {}
+    for r in rows:
+        senses.setdefault(r["lemma"], set()).add(r["concept_id"])
+    return senses
+
+
+def test_a_word_keeps_its_strong_senses_and_drops_weak_ones(full):
+    """Both the plant and the fruit are "banana"; a sense with under a third of the winner's evidence,
+    fire as 'a severe trial', is out; the chess piece keeps its own word; ids stay unique."""
     ids = [r["concept_id"] for r in full]
     assert len(ids) == len(set(ids))
+    senses, by_id = _senses(full), {r["concept_id"]: r for r in full}
+    assert {"banana.n.01", "banana.n.02"} <= senses["banana"]
+    assert {"basketball.n.01", "basketball.n.02"} <= senses["basketball"]  # the game and the ball
+    assert "fire.n.08" not in by_id and "cake.n.01" not in senses["cake"]  # the soap block is at most a "bar"
+    assert "castle.n.03" not in senses["castle"] and by_id["castle.n.03"]["lemma"] == "rook"
+    assert "castle.n.02" in senses["castle"]  # the fortress, a second sense of the word palace.n.01 won
 
 
-def test_the_sense_with_the_most_rated_evidence_wins_the_lemma(full):
-    by_lemma = {r["lemma"]: r["concept_id"] for r in full}
-    assert by_lemma["dog"] == "dog.n.01"          # not the 'frump' or 'cad' senses
-    assert by_lemma["hammer"] == "hammer.n.02"    # the hand tool, not the gunlock part (equal tag counts)
-    assert by_lemma["cake"] == "cake.n.03"        # baked goods, not a block of soap (2 tags vs 0)
-    assert by_lemma["fire"] == "fire.n.01"        # something burning, not firing weapons
-    assert by_lemma.get("castle") != "castle.n.03"  # never the chess piece
+def test_the_sense_with_the_most_rated_evidence_takes_the_word(full):
+    selector = ConceptSelector(ConceptsConfig())
+    evidence = lambda name: selector.sense_evidence(selector.wn.synset(name))  # noqa: E731
+    by_id = {r["concept_id"]: r for r in full}
+    for word, best, others in [
+        ("dog", "dog.n.01", ["frump.n.01", "cad.n.01"]),      # not the 'frump' or 'cad' senses
+        ("hammer", "hammer.n.02", ["hammer.n.01"]),          # the hand tool, not the gunlock part
+        ("cake", "cake.n.03", ["cake.n.01"]),                # baked goods, not a block of soap
+        ("fire", "fire.n.01", ["fire.n.02", "fire.n.03"]),   # something burning, not firing weapons
+        ("castle", "palace.n.01", ["castle.n.03"]),          # never the chess piece (palace.n.01 is "palace")
+    ]:
+        assert best in by_id and word in by_id[best]["lemmas"], word
+        assert all(evidence(best) > evidence(other) for other in others), word
+
+
+def test_second_senses_enter_with_a_fraction_of_the_winners_evidence():
+    from transforms.concepts import is_second_sense, label_concept
+
+    best = (-1.0, 0, 1, "w.n.01", 0)
+    strong, weak = (-0.4, 0, 2, "x.n.01", 0), (-0.3, 0, 2, "x.n.01", 0)
+    assert is_second_sense(strong, best, 0.33) and not is_second_sense(weak, best, 0.33)
+    assert not is_second_sense(strong, best, None) and not is_second_sense((0.0, 0, 2, "x.n.01", 0), (0.0,) + best[1:], 0.33)
+    candidate = {"concept_id": "x.n.01", "lemmas": ["a"], "_rated_by": "lemmas"}
+    assert label_concept(candidate, [("a", strong, best)], ConceptsConfig())["lemma"] == "a"
+    assert label_concept(candidate, [("a", weak, best)], ConceptsConfig()) is None
+    assert label_concept(candidate, [("a", strong, best)], ConceptsConfig(second_sense_fraction=None)) is None
+
+
+def test_visible_natural_objects_and_near_visual_concrete_things_are_in(full):
+    """rainbow (filed under shape) enters through include_groups; mouth and tea (visual strength 2.95,
+    2.94) through the compensated visual test, which internal organs such as the kidney fail."""
+    from transforms.concepts import visual_enough
+    from transforms.picturability import Evidence
+
+    ids = {r["concept_id"] for r in full}
+    assert {"rainbow.n.01", "mouth.n.01", "tea.n.01"} <= ids
+    cfg = ConceptsConfig()
+    assert visual_enough(Evidence(0.935, 2.95 / 5, 0.7), cfg)       # mouth
+    assert not visual_enough(Evidence(0.99, 2.47 / 5, 0.7), cfg)    # kidney: c * v = 0.49
+    assert not visual_enough(Evidence(1.0, 2.4 / 5, 0.7), cfg)      # under compensated_visual
+    assert not visual_enough(Evidence(0.935, 2.95 / 5, 0.7), ConceptsConfig(compensated_product=None))
+    assert ConceptSelector(ConceptsConfig(include_groups=[])).evaluate("rainbow.n.01") == (None, "root")
 
 
 def test_exactly_n_rows_and_byte_identical_reruns(tmp_path):
@@ -191,6 +261,12 @@ def test_config_errors_name_the_option(tmp_path):
         ConceptsConfig.from_dict({"group_weights": {"noun.persons": 0.5}})
     with pytest.raises(ValueError, match="group_weights must be in"):
         ConceptsConfig.from_dict({"group_weights": {"noun.person": 2.0}})
+    with pytest.raises(ValueError, match="include_groups.*noun.objects"):
+        ConceptsConfig.from_dict({"include_groups": ["noun.objects"]})
+    with pytest.raises(ValueError, match="second_sense_fraction must be in"):
+        ConceptsConfig.from_dict({"second_sense_fraction": 0})
+    with pytest.raises(ValueError, match="compensated_product must be in"):
+        ConceptsConfig.from_dict({"compensated_product": 1.5})
     with pytest.raises(ValueError, match="inherit_levels must be >= 0"):
         ConceptsConfig.from_dict({"inherit_levels": -1})
     with pytest.raises(ValueError, match="not a WordNet synset"):
@@ -208,7 +284,8 @@ def test_rating_by_won_lemmas_rates_a_synset_by_the_words_it_won_only():
     a, b = (1.0, 1.0, 1.0), (0.5, 0.5, 0.5)  # normalised (c, v, f) of the two lemmas
     candidate = {"concept_id": "x.n.01", "lemmas": ["a", "b"], "concreteness": 4.0, "visual": 3.75, "zipf": 7.0,
                  "picturability": 0.42, "_words": [a, b], "_factor": 0.5, "_rated_by": "lemmas"}
-    won = [("b", (0.0, 0, 1, "x.n.01", 1))]
+    vote = (0.0, 0, 1, "x.n.01", 1)
+    won = [("b", vote, vote)]  # (lemma, the candidate's vote, the lemma's best vote): it won "b"
     row = label_concept(candidate, won, ConceptsConfig(rate_by_won_lemmas=True))
     assert row["lemma"] == "b" and row["concreteness"] == pytest.approx(3.0) and row["visual"] == pytest.approx(2.5)
     assert row["zipf"] == pytest.approx(3.5) and row["picturability"] == pytest.approx(0.5 * 0.5 ** 3)

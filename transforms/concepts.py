@@ -3,16 +3,20 @@
 Steps, each counted:
 
 1. list every synset of WordNet 3.0 (``read``);
-2. filter: part of speech (``dropped_pos``), inside an included root subtree and
-   outside every excluded one (``dropped_root``), instances (proper nouns) outside
+2. filter: part of speech (``dropped_pos``), inside an included root subtree or an
+   ``include_groups`` lexicographer group, and outside every excluded subtree
+   (``dropped_root``), instances (proper nouns) outside
    ``instance_groups`` (``dropped_instance``), depth range (``dropped_depth``), tag-count
    frequency (``dropped_min_frequency``), picturability: rated by the human norms (or, in
-   ``inherit_groups``, by the nearest rated hypernym) and at least ``min_concreteness`` /
-   ``min_visual`` (``dropped_picturability``);
-3. one concept per surface lemma: every lemma goes to the sense with the most evidence
-   (:meth:`ConceptSelector.sense_evidence`; WordNet tag count, then sense number break ties); a synset
-   that wins no lemma is dropped (``dropped_lemma_dedup``), one that wins several is
-   labelled with its best one;
+   ``inherit_groups``, by the nearest rated hypernym), at least ``min_concreteness`` and visual
+   enough (:func:`visual_enough`) (``dropped_picturability``);
+3. sense choice per surface lemma: every lemma goes to the sense with the most evidence
+   (:meth:`ConceptSelector.sense_evidence`; WordNet tag count, then sense number break ties), which is
+   labelled with it (a synset that wins several lemmas takes its best one); a synset that wins no
+   lemma still enters as a second sense of a lemma when its evidence is at least
+   ``second_sense_fraction`` of that lemma's winner's (:func:`is_second_sense`), labelled with the
+   same lemma, so the label is not unique and ``concept_id`` is the key; any other synset is dropped
+   (``dropped_lemma_dedup``);
 4. rank by picturability x frequency from published ratings times the lexicographer group's
    factor (``group_weights``; transforms/picturability.py;
    undesirable concepts first when ``prioritise_undesirable``; see :func:`rank_key`) and
@@ -51,10 +55,18 @@ WEIGHT_NAMES = ("concreteness", "visual", "frequency")
 # Default ``group_weights`` (docs/concepts.md, "Ranking"): groups of persons, acts, events and
 # abstractions, whose words can be concrete and visual while the sense is not.
 ABSTRACT_GROUP_WEIGHTS = {
-    "noun.person": 0.5, "noun.act": 0.7, "noun.event": 0.8, "noun.process": 0.7, "noun.communication": 0.4,
+    "noun.person": 0.5, "noun.act": 0.5, "noun.body": 0.7, "noun.substance": 0.7, "noun.event": 0.8,
+    "noun.process": 0.7, "noun.communication": 0.4,
     "noun.group": 0.4, "noun.possession": 0.4, "noun.state": 0.3, "noun.cognition": 0.3,
     "noun.attribute": 0.3, "noun.feeling": 0.3, "noun.time": 0.3, "noun.relation": 0.3, "noun.motive": 0.3,
     "noun.quantity": 0.3,
+}
+# Default ``subtree_weights``: the parts of those groups a photo shows (docs/concepts.md, "Ranking"):
+# sports, games and dancing, moving about, touching and embracing; the outside of the body and the bones.
+VISIBLE_SUBTREE_WEIGHTS = {
+    "diversion.n.01": 1.0, "athletic_game.n.01": 1.0, "locomotion.n.02": 1.0, "touch.n.05": 1.0,
+    "embrace.n.01": 1.0, "external_body_part.n.01": 1.0, "sense_organ.n.01": 1.0, "body_covering.n.01": 1.0,
+    "bone.n.01": 1.0,
 }
 
 SCHEMA = pa.schema([
@@ -92,6 +104,9 @@ class ConceptsConfig(Config):
         include_polarity_roots: also include every subtree of the polarity lexicon, and let
             the lexicon's roots themselves (crime, violence) past ``min_concreteness`` and
             ``min_visual``, so that the abstract concepts a safety dictionary needs are present.
+        include_groups: lexicographer groups whose synsets are included wherever their hypernyms
+            sit (default noun.object, natural objects: WordNet files rainbow, foam, stalactite and
+            the Milky Way under shape or group, outside physical_entity.n.01).
         exclude_roots: synsets whose subtrees are dropped.
         instance_groups: lexicographer groups whose instance synsets (proper nouns) are kept
             (default noun.object: the sun, the moon, the Earth); others (people, places,
@@ -102,10 +117,21 @@ class ConceptsConfig(Config):
         weights: exponents of the ranking score c^w * v^w * f^w (concreteness, visual, frequency).
         lemma_combine: how a synset's lemmas' ratings combine, "mean" or "max".
         min_concreteness: minimum concreteness (Brysbaert 1-5 scale) of a kept synset.
-        min_visual: minimum visual strength (Lancaster 0-5 scale) of a kept synset.
+        min_visual: minimum visual strength (Lancaster 0-5 scale) of a kept synset, unless it is
+            compensated (``compensated_visual``).
+        compensated_visual: a synset with visual strength in [``compensated_visual``, ``min_visual``)
+            still passes when c * v >= ``compensated_product`` (normalised concreteness times visual
+            strength): a very concrete word whose experience is shared with touch, taste or hearing
+            (mouth, lip, tea, bell). ``compensated_product: null`` turns this off.
+        compensated_product: see ``compensated_visual``.
         group_weights: a factor on the score (and on the sense evidence) per WordNet lexicographer
             group; unlisted groups 1. The default lowers groups whose members are mostly defined
-            by something a photo cannot show (a person's job, relation or opinion; an act's purpose).
+            by something a photo cannot show (a person's job, relation or opinion; an act's purpose;
+            the inside of the body).
+        subtree_weights: a factor per WordNet subtree (synset id -> factor) that replaces the group's
+            for the synsets under it; the most specific listed subtree wins. The default gives the
+            visible parts of the lowered groups their full weight: sports, games, dancing, locomotion,
+            touching; the outside of the body (external parts, sense organs, hair and skin).
         inherit_groups: lexicographer groups whose synsets no lemma of which is rated take the
             concreteness and visual strength of their nearest rated hypernym, up to
             ``inherit_levels`` levels up (species, breeds, named tools), with their own frequency.
@@ -116,6 +142,9 @@ class ConceptsConfig(Config):
             among the words naming the sense or its kinds down to ``sense_depth`` hyponym levels
             (:meth:`ConceptSelector.sense_evidence`).
         sense_depth: see ``sense_top``.
+        second_sense_fraction: a synset that wins no lemma still enters, labelled with a lemma, when
+            its sense evidence is at least this fraction of that lemma's winner's (banana the fruit
+            beside banana the plant); null: one concept per lemma.
         prioritise_undesirable: rank undesirable concepts ahead of the rest, so the cut
             never removes them.
         polarity_overrides: path of a YAML file relabelling concepts or subtrees.
@@ -127,6 +156,7 @@ class ConceptsConfig(Config):
     pos: list[str] = field(default_factory=lambda: ["n"])
     roots: list[str] = field(default_factory=lambda: ["physical_entity.n.01", "event.n.01"])
     include_polarity_roots: bool = True
+    include_groups: list[str] = field(default_factory=lambda: ["noun.object"])
     exclude_roots: list[str] = field(default_factory=list)
     instance_groups: list[str] = field(default_factory=lambda: ["noun.object"])
     min_frequency: int = 0
@@ -136,13 +166,17 @@ class ConceptsConfig(Config):
     lemma_combine: str = "mean"
     min_concreteness: float = 3.0
     min_visual: float = 3.0
+    compensated_visual: float = 2.5
+    compensated_product: float | None = 0.5
     group_weights: dict[str, float] = field(default_factory=lambda: dict(ABSTRACT_GROUP_WEIGHTS))
+    subtree_weights: dict[str, float] = field(default_factory=lambda: dict(VISIBLE_SUBTREE_WEIGHTS))
     inherit_groups: list[str] = field(default_factory=lambda: ["noun.animal", "noun.plant", "noun.food",
                                                                "noun.artifact"])
     inherit_levels: int = 2
     rate_by_won_lemmas: bool = False
     sense_top: int = 8
     sense_depth: int = 2
+    second_sense_fraction: float | None = 0.33
     prioritise_undesirable: bool = True
     polarity_overrides: str | None = None
     wordnet_dir: str | None = None
@@ -160,15 +194,23 @@ class ConceptsConfig(Config):
                              f"got {self.weights}")
         if self.lemma_combine not in COMBINES:
             raise ValueError(f"{where}.lemma_combine must be one of {COMBINES}, got {self.lemma_combine!r}")
-        for option in ("instance_groups", "group_weights", "inherit_groups"):
+        for option in ("instance_groups", "include_groups", "group_weights", "inherit_groups"):
             bad_groups = sorted(set(getattr(self, option)) - set(LEXNAMES))
             if bad_groups:
                 raise ValueError(f"{where}.{option}: {bad_groups} are not WordNet lexicographer groups "
                                  "(noun.object, noun.person, ...)")
-        if any(not 0 <= w <= 1 for w in self.group_weights.values()):
-            raise ValueError(f"{where}.group_weights must be in [0, 1], got {self.group_weights}")
+        for option in ("group_weights", "subtree_weights"):
+            if any(not 0 <= w <= 1 for w in getattr(self, option).values()):
+                raise ValueError(f"{where}.{option} must be in [0, 1], got {getattr(self, option)}")
         if self.inherit_levels < 0:
             raise ValueError(f"{where}.inherit_levels must be >= 0, got {self.inherit_levels}")
+        if self.compensated_product is not None and not (0 <= self.compensated_product <= 1
+                                                         and self.compensated_visual <= self.min_visual):
+            raise ValueError(f"{where}.compensated_product must be in [0, 1] (or null) and compensated_visual "
+                             f"<= min_visual, got {self.compensated_product}, {self.compensated_visual}")
+        if self.second_sense_fraction is not None and not 0 < self.second_sense_fraction <= 1:
+            raise ValueError(f"{where}.second_sense_fraction must be in (0, 1] or null, got "
+                             f"{self.second_sense_fraction}")
         if self.sense_top < 1 or self.sense_depth < 0:
             raise ValueError(f"{where}.sense_top must be >= 1 and sense_depth >= 0, got {self.sense_top}, "
                              f"{self.sense_depth}")
@@ -197,6 +239,7 @@ class ConceptSelector:
         self.senses = self._read_sense_index()
         self.ratings = Ratings(cfg.lemma_combine)
         self.weights = cfg.weight_tuple()
+        self.subtree_factors = self._subtree_factors()
 
     def _closure(self, roots: Iterable[str]) -> set[str]:
         seen: set[str] = set()
@@ -232,11 +275,27 @@ class ConceptSelector:
             words += [lemma.name() for s in level for lemma in s.lemmas()]
         scores = sorted((x for w in words if (x := self.ratings.word_score(w, self.weights)) is not None),
                         reverse=True)
-        return sum(scores[: self.cfg.sense_top]) * self.group_weight(synset.lexname())
+        return sum(scores[: self.cfg.sense_top]) * self.group_weight(synset)
 
-    def group_weight(self, group: str) -> float:
-        """``group_weights`` factor of a lexicographer group (1 when unlisted)."""
-        return self.cfg.group_weights.get(group, 1.0)
+    def group_weight(self, synset) -> float:
+        """The factor of a synset: its most specific ``subtree_weights`` subtree's, else its
+        lexicographer group's ``group_weights`` factor, else 1."""
+        factor = self.subtree_factors.get(synset.name())
+        return factor if factor is not None else self.cfg.group_weights.get(synset.lexname(), 1.0)
+
+    def _subtree_factors(self) -> dict[str, float]:
+        """{synset id: factor} for every synset under a ``subtree_weights`` root; deeper roots win."""
+        roots = []
+        for root, factor in self.cfg.subtree_weights.items():
+            try:
+                synset = self.wn.synset(root)
+            except Exception as exc:
+                raise ValueError(f"concepts.subtree_weights: {root!r} is not a WordNet synset ({exc})") from None
+            roots.append((synset.min_depth(), root, factor))
+        factors = {}
+        for _depth, root, factor in sorted(roots):
+            factors.update(dict.fromkeys(self._closure([root]), factor))
+        return factors
 
     def inherited(self, synset) -> tuple[Evidence | None, str | None]:
         """(evidence, hypernym id) for an unrated synset in ``inherit_groups``: the ratings of its nearest
@@ -268,7 +327,7 @@ class ConceptSelector:
         synset = self.wn.synset(name)
         if synset.pos() not in cfg.pos and not (synset.pos() == "s" and "a" in cfg.pos):
             return None, "pos"
-        if name not in self.included or name in self.excluded:
+        if (name not in self.included and synset.lexname() not in cfg.include_groups) or name in self.excluded:
             return None, "root"
         instance = bool(synset.instance_hypernyms())
         if instance and synset.lexname() not in cfg.instance_groups:
@@ -279,13 +338,13 @@ class ConceptSelector:
         if frequency < cfg.min_frequency:
             return None, "min_frequency"
         lemma_names = [lemma.name() for lemma in lemmas]
-        factor = self.group_weight(synset.lexname())
+        factor = self.group_weight(synset)
         evidence, rated_by = self.ratings.synset(lemma_names), "lemmas"
         if evidence is None:
             evidence, rated_by = self.inherited(synset)
         columns = score_columns(evidence, self.weights, factor)
-        raw_c, raw_v = columns["concreteness"], columns["visual"]
-        below = (raw_c is not None and raw_c < cfg.min_concreteness) or (raw_v is not None and raw_v < cfg.min_visual)
+        raw_c = columns["concreteness"]
+        below = (raw_c is not None and raw_c < cfg.min_concreteness) or not visual_enough(evidence, cfg)
         if columns["picturability"] is None or (below and name not in self.polarity_roots):
             return None, "picturability"
         path = min(synset.hypernym_paths(), key=lambda p: (len(p), [s.name() for s in p]))
@@ -304,16 +363,30 @@ class ConceptSelector:
             "polarity": polarity,
             "polarity_source": source,
             **columns,
-            # For the one-sense-per-lemma vote: (sense number, tag count) per lemma, the sense's
+            # For the sense vote: (sense number, tag count) per lemma, the sense's
             # evidence, and whether it is an instance (proper noun).
             "_senses": senses,
             "_sense_evidence": self.sense_evidence(synset) if self.contested(lemmas) else 0.0,
             "_instance": instance,
-            # For rating by the won lemmas only: (c, v, f) per lemma, the group factor, how it was rated.
+            # For rating by the lemmas it enters with only: (c, v, f) per lemma, the group factor, how it was rated.
             "_words": [self.ratings.lemma(n) for n in lemma_names],
             "_factor": factor,
             "_rated_by": rated_by,
         }, None
+
+
+def visual_enough(evidence: Evidence | None, cfg: ConceptsConfig) -> bool:
+    """Whether a synset's visual strength passes: V >= ``min_visual``, or V >= ``compensated_visual``
+    and c * v >= ``compensated_product`` (normalised; an unrated norm takes the other's value, as in
+    the score). True when the visual norm does not rate it (the concreteness test then decides)."""
+    if evidence is None or evidence.visual is None:
+        return True
+    visual = 5.0 * evidence.visual
+    if visual >= cfg.min_visual:
+        return True
+    concreteness = evidence.visual if evidence.concreteness is None else evidence.concreteness
+    return (cfg.compensated_product is not None and visual >= cfg.compensated_visual
+            and concreteness * evidence.visual >= cfg.compensated_product)
 
 
 def evidence_columns(ratings: Ratings, lemma_names: list[str], weights: tuple[float, float, float],
@@ -364,10 +437,22 @@ def vote_owner(vote: tuple) -> str:
     return vote[3]
 
 
-def label_concept(candidate: dict, won: list[tuple[str, tuple]], cfg: ConceptsConfig) -> dict | None:
-    """The output row of a candidate that won lemmas (labelled with its best one), else None. With
-    ``rate_by_won_lemmas`` a synset rated by its own lemmas is re-rated by the won ones (when
-    one of them is rated), so a rare sense does not borrow the ratings of a word it lost."""
+def is_second_sense(vote: tuple, best: tuple, fraction: float | None) -> bool:
+    """Whether a sense that lost a lemma (its ``vote``) still enters with it: its sense evidence is
+    positive and at least ``fraction`` of the winner's (``best``, the lemma's smallest vote)."""
+    own, top = -vote[0], -best[0]
+    return fraction is not None and own > 0 and own >= fraction * top
+
+
+def label_concept(candidate: dict, outcomes: list[tuple[str, tuple, tuple]], cfg: ConceptsConfig) -> dict | None:
+    """The output row of a candidate, else None. ``outcomes`` holds (lemma, its vote, the lemma's best
+    vote) per lemma of the candidate. It is labelled with its best won lemma; one that won none, with
+    its best lemma of which it is a second sense (:func:`is_second_sense`); neither: None. With
+    ``rate_by_won_lemmas`` a synset rated by its own lemmas is re-rated by the lemmas it entered with
+    (when one of them is rated), so a rare sense does not borrow the ratings of a word it lost."""
+    won = [(lemma, vote) for lemma, vote, best in outcomes if vote == best]
+    if not won:
+        won = [(lemma, vote) for lemma, vote, best in outcomes if is_second_sense(vote, best, cfg.second_sense_fraction)]
     if not won:
         return None
     lemma, _vote = min(won, key=lambda item: item[1])
@@ -414,15 +499,13 @@ def select_concepts_direct(cfg: ConceptsConfig) -> tuple[list[dict], dict[str, i
             counts[f"dropped_{dropped}"] += 1
         else:
             candidates.append(candidate)
+    votes = [lemma_votes(candidate) for candidate in candidates]
     best: dict[str, tuple] = {}
-    for candidate in candidates:
-        for lemma, vote in lemma_votes(candidate):
-            if lemma not in best or vote < best[lemma]:
-                best[lemma] = vote
-    won: dict[str, list] = {}
-    for lemma, vote in best.items():
-        won.setdefault(vote_owner(vote), []).append((lemma, vote))
-    labelled = [row for c in candidates if (row := label_concept(c, won.get(c["concept_id"], []), cfg))]
+    for lemma, vote in (item for candidate_votes in votes for item in candidate_votes):
+        if lemma not in best or vote < best[lemma]:
+            best[lemma] = vote
+    labelled = [row for candidate, candidate_votes in zip(candidates, votes)
+                if (row := label_concept(candidate, [(lemma, vote, best[lemma]) for lemma, vote in candidate_votes], cfg))]
     counts["dropped_lemma_dedup"] = len(candidates) - len(labelled)
     kept = ranked(labelled, cfg)
     counts["dropped_cut"] = len(labelled) - len(kept)
@@ -460,6 +543,14 @@ class _EvaluateSynsets(beam.DoFn):
             yield candidate
 
 
+def _outcomes_by_voter(element):
+    """(concept id, (lemma, its vote, the lemma's best vote)) for every vote on one lemma."""
+    lemma, grouped = element
+    best = next(iter(grouped["best"]))
+    for vote in grouped["vote"]:
+        yield vote_owner(vote), (lemma, vote, best)
+
+
 class _Label(beam.DoFn):
     def __init__(self, cfg: ConceptsConfig):
         self.cfg = cfg
@@ -468,7 +559,7 @@ class _Label(beam.DoFn):
     def process(self, element):
         _concept_id, grouped = element
         for candidate in grouped["candidate"]:
-            row = label_concept(candidate, list(grouped["won"]), self.cfg)
+            row = label_concept(candidate, list(grouped["outcomes"]), self.cfg)
             if row is None:
                 self.dedup.inc()
             else:
@@ -508,17 +599,18 @@ class SelectConcepts(beam.PTransform):
             | "Spread" >> beam.Reshuffle()
         )
         candidates = names | "Filter" >> beam.ParDo(_EvaluateSynsets(cfg))
-        winners = (
-            candidates
-            | "LemmaVotes" >> beam.FlatMap(lemma_votes)
-            | "BestSensePerLemma" >> beam.CombinePerKey(min)
-            | "ByWinner" >> beam.Map(lambda kv: (vote_owner(kv[1]), kv))
+        votes = candidates | "LemmaVotes" >> beam.FlatMap(lemma_votes)
+        best = votes | "BestSensePerLemma" >> beam.CombinePerKey(min)
+        outcomes = (
+            {"vote": votes, "best": best}
+            | "JoinBest" >> beam.CoGroupByKey()
+            | "ByVoter" >> beam.FlatMap(_outcomes_by_voter)
         )
         by_id = candidates | "KeyById" >> beam.Map(lambda c: (c["concept_id"], c))
         return (
-            {"candidate": by_id, "won": winners}
-            | "JoinWins" >> beam.CoGroupByKey()
-            | "OneConceptPerLemma" >> beam.ParDo(_Label(cfg))
+            {"candidate": by_id, "outcomes": outcomes}
+            | "JoinOutcomes" >> beam.CoGroupByKey()
+            | "SenseChoice" >> beam.ParDo(_Label(cfg))
         )
 
 
