@@ -131,7 +131,7 @@ class ConceptsConfig(Config):
         subtree_weights: a factor per WordNet subtree (synset id -> factor) that replaces the group's
             for the synsets under it; the most specific listed subtree wins. The default gives the
             visible parts of the lowered groups their full weight: sports, games, dancing, locomotion,
-            touching; the outside of the body (external parts, sense organs, hair and skin).
+            touching; the outside of the body (external parts, sense organs, hair and skin) and bones.
         inherit_groups: lexicographer groups whose synsets no lemma of which is rated take the
             concreteness and visual strength of their nearest rated hypernym, up to
             ``inherit_levels`` levels up (species, breeds, named tools), with their own frequency.
