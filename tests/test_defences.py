@@ -536,6 +536,20 @@ def test_fit_takes_its_own_config_and_records_it(tiny, sets, refusal):
     assert built.layers == (2,) and built.level == "layer" and built.report["fit_config"]["layers"] == [2]
 
 
+def test_fit_takes_its_config_fields_as_keywords_too(tiny, sets):
+    """``fit(..., layers=[2])`` is ``fit(..., config=MARSFitConfig(layers=[2]))``; unknown names and both at once fail."""
+    model, tokenizer = tiny
+    by_keywords = MARSSteerer.fit(model, tokenizer, sets.harmful, sets.harmless, layers=[2], strength=0.5)
+    by_config = MARSSteerer.fit(model, tokenizer, sets.harmful, sets.harmless, MARSFitConfig(layers=[2], strength=0.5))
+    assert by_keywords.layers == by_config.layers == (2,) and by_keywords.strength == 0.5
+    assert torch.equal(by_keywords.unit, by_config.unit)
+    assert by_keywords.report["fit_config"] == by_config.report["fit_config"]
+    with pytest.raises(ValueError, match=r"MARSSteerer.fit: unknown option\(s\) \['layer'\]; valid: \["):
+        MARSSteerer.fit(model, tokenizer, sets.harmful, sets.harmless, layer=2)
+    with pytest.raises(TypeError, match="a MARSFitConfig or keyword options, not both"):
+        MARSSteerer.fit(model, tokenizer, sets.harmful, sets.harmless, MARSFitConfig(), layers=[2])
+
+
 # ----------------------------------------------------------------------------------------- save / load
 
 

@@ -53,8 +53,14 @@ class FittedSteerer(Steerer):
         return cls.fit(options.model, options.processor, *sets, config=options.fit)
 
     @classmethod
-    def fit_options(cls, config: Config | None) -> Config:
-        """``config`` checked as this method's fit options (types and values); None: the defaults."""
+    def fit_options(cls, config: Config | None, options: Mapping[str, Any] | None = None) -> Config:
+        """The fit options: ``config`` checked as this method's :attr:`fit_config` (types and values),
+        or one built from keyword ``options`` (its field names, e.g. ``fit(model, tok, layers=[3])``;
+        unknown names are errors listing the valid ones); neither: the defaults."""
+        if options:
+            if config is not None:
+                raise TypeError(f"{cls.__name__}.fit takes a {cls.fit_config.__name__} or keyword options, not both")
+            return cls.fit_config.from_dict(dict(options), f"{cls.__name__}.fit")
         if config is None:
             return cls.fit_config()
         if not isinstance(config, cls.fit_config):

@@ -214,17 +214,18 @@ class IARSteerer(FittedSteerer):
     @classmethod
     @torch.no_grad()
     def fit(cls, model: nn.Module, processor, harmful=None, refusal: Sequence[str] | None = None,
-            compliant: Sequence[str] | None = None, config: IARFitConfig | None = None) -> IARSteerer:
+            compliant: Sequence[str] | None = None, config: IARFitConfig | None = None, **options) -> IARSteerer:
         """Record the samples, probe every candidate unit, keep the top ``k`` (module docstring).
 
         ``harmful``: :class:`~steering.contrastive.PromptItem` queries (default: the shipped
         set; at least 2); ``refusal`` / ``compliant``: response strings (default: shipped).
         ``config``: the options (None: the defaults, the paper's best variant, head-level
         revision of the top 48 heads).
+        ``options``: the config's fields as keywords instead (``layers=[3]``).
         """
         from steering.contrastive import ContrastiveSets, response_states
 
-        config = cls.fit_options(config)
+        config = cls.fit_options(config, options)
         level, direction, seed = config.level, config.direction, config.seed
         responses_per_query = config.responses_per_query
         harmful, refusal, compliant = ContrastiveSets.with_defaults(harmful=harmful, refusal=refusal, compliant=compliant)

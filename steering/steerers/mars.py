@@ -194,17 +194,18 @@ class MARSSteerer(FittedSteerer):
     @classmethod
     @torch.no_grad()
     def fit(cls, model: nn.Module, processor, harmful=None, harmless=None,
-            config: MARSFitConfig | None = None) -> MARSSteerer:
+            config: MARSFitConfig | None = None, **options) -> MARSSteerer:
         """Choose the layer, extract the direction, centroids and re-centering offset (module docstring).
 
         ``harmful`` / ``harmless``: text-only :class:`~steering.contrastive.PromptItem` lists
         (default: the shipped sets), at least 2 each. ``config``: the options (None: the
         defaults). For a text-only model the offset is zero and ``recenter`` False.
+        ``options``: the config's fields as keywords instead (``layers=[3]``).
         """
         from steering.contrastive import ContrastiveSets, neutral_images, prompt_states
         from steering.models import get_adapter
 
-        config = cls.fit_options(config)
+        config = cls.fit_options(config, options)
         batch_size, seed, n_images = config.batch_size, config.seed, config.n_images
         harmful, harmless = ContrastiveSets.with_defaults(harmful=harmful, harmless=harmless)
         if len(harmful) < 2 or len(harmless) < 2:

@@ -284,17 +284,19 @@ class RASSteerer(FittedSteerer):
 
     @classmethod
     @torch.no_grad()
-    def fit(cls, model: nn.Module, processor, unsafe=None, benign=None, config: RASFitConfig | None = None) -> RASSteerer:
+    def fit(cls, model: nn.Module, processor, unsafe=None, benign=None, config: RASFitConfig | None = None,
+            **options) -> RASSteerer:
         """Unsafe prototypes from text-only ``unsafe`` prompts, then ``S_base`` over ``benign`` items.
 
         ``unsafe`` / ``benign``: :class:`~steering.contrastive.PromptItem` lists (default:
         the shipped harmful / harmless sets); unsafe prompts must be text-only, benign
         items may carry images (they go through the visual-context step). ``config``: the
         options (None: the authors').
+        ``options``: the config's fields as keywords instead (``layers=[3]``).
         """
         from steering.contrastive import ContrastiveSets, open_image
 
-        config = cls.fit_options(config)
+        config = cls.fit_options(config, options)
         settings = (config.gamma, config.context_tokens, config.keep_image, config.reformulation,
                     config.context_instruction, config.risk_prompt)
         unsafe, benign = ContrastiveSets.with_defaults(harmful=unsafe, harmless=benign)

@@ -245,7 +245,7 @@ class RefusalDirectionSteerer(FittedSteerer):
     @classmethod
     @torch.no_grad()
     def fit(cls, model: nn.Module, processor, harmful=None, harmless=None,
-            config: RefusalFitConfig | None = None) -> RefusalDirectionSteerer:
+            config: RefusalFitConfig | None = None, **options) -> RefusalDirectionSteerer:
         """Extract the candidates and select one by the rule in the module docstring.
 
         ``harmful`` / ``harmless``: lists of :class:`steering.contrastive.PromptItem`
@@ -253,10 +253,11 @@ class RefusalDirectionSteerer(FittedSteerer):
         selection). ``config``: the options (None: Arditi et al.'s; an untrained model that
         never refuses needs ``induce_threshold=-math.inf``). Raises ValueError when no
         candidate passes the filters, naming the filter.
+        ``options``: the config's fields as keywords instead (``layers=[3]``).
         """
         from steering.contrastive import ContrastiveSets, post_instruction_positions, prompt_states
 
-        config = cls.fit_options(config)
+        config = cls.fit_options(config, options)
         batch_size = config.batch_size
         harmful, harmless = ContrastiveSets.with_defaults(harmful=harmful, harmless=harmless)
         if len(harmful) < 2 or len(harmless) < 2:
