@@ -269,6 +269,7 @@ def test_run_file_records_every_defences_fit_config_and_rejects_a_bad_one():
 
     base = dict(model="untrained:qwen2", methods=["none"], benches=[("mmbench", "x")], out="o")
     recorded = EvalConfig(defences={"refusal": RefusalFitConfig(induce_threshold=-math.inf)}, **base).comparable()
+    assert EvalConfig(defences={"refusal": {"induce_threshold": -math.inf}}, **base).comparable() == recorded
     assert set(recorded["defences"]) == {"refusal", "mars", "iar", "ras"}
     assert recorded["defences"]["refusal"]["induce_threshold"] == -math.inf
     assert recorded["defences"]["iar"] == json.loads(json.dumps(dataclasses.asdict(IARFitConfig())))  # the defaults

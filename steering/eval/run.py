@@ -85,9 +85,10 @@ class EvalConfig:
     (``<steerers>/<method>/``, as each class's ``save`` writes it); a method not there is fitted
     on the shipped contrastive sets and saved under ``<out>/steerers/<method>/``."""
     defences: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    """Fit options of the fitted defences by method, each its class's ``fit_config`` (e.g.
-    ``{"refusal": RefusalFitConfig(induce_threshold=-math.inf)}``); a method not named is fitted
-    with its defaults (the faithful method)."""
+    """Fit options of the fitted defences by method, each its class's ``fit_config`` or a mapping of
+    its fields (e.g. ``{"refusal": RefusalFitConfig(induce_threshold=-math.inf)}`` or
+    ``{"refusal": {"induce_threshold": -math.inf}}``); a method not named is fitted with its
+    defaults (the faithful method)."""
     judge: str = "refusal"
     """``refusal`` (the keyword scorer) or ``llama-guard`` (plus Llama Guard on every response)."""
     judge_model: str = "meta-llama/Llama-Guard-3-8B"
@@ -111,9 +112,14 @@ class EvalConfig:
         if unknown:
             raise EvalError(f"defences: {unknown} are not fitted defences; the fitted defences are {sorted(fitted)}")
         try:
-            return {name: cls.fit_options(self.defences.get(name)) for name, cls in fitted.items()}
+            return {name: _fit_options(cls, self.defences.get(name)) for name, cls in fitted.items()}
         except (TypeError, ValueError) as exc:
             raise EvalError(f"defences: {exc}") from None
+
+
+def _fit_options(cls, given):
+    """A defence's fit options from ``EvalConfig.defences``: its config, a mapping of its fields, or None."""
+    return cls.fit_options(None, given) if isinstance(given, Mapping) else cls.fit_options(given)
 
 
 class EvalError(ValueError):
