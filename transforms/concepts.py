@@ -55,18 +55,20 @@ WEIGHT_NAMES = ("concreteness", "visual", "frequency")
 # Default ``group_weights`` (docs/concepts.md, "Ranking"): groups of persons, acts, events and
 # abstractions, whose words can be concrete and visual while the sense is not.
 ABSTRACT_GROUP_WEIGHTS = {
-    "noun.person": 0.5, "noun.act": 0.5, "noun.body": 0.7, "noun.substance": 0.7, "noun.event": 0.8,
-    "noun.process": 0.7, "noun.communication": 0.4,
+    "noun.person": 0.5, "noun.act": 0.5, "noun.event": 0.5, "noun.location": 0.5, "noun.phenomenon": 0.6,
+    "noun.body": 0.7, "noun.substance": 0.7, "noun.object": 0.7, "noun.process": 0.7, "noun.communication": 0.4,
     "noun.group": 0.4, "noun.possession": 0.4, "noun.state": 0.3, "noun.cognition": 0.3,
     "noun.attribute": 0.3, "noun.feeling": 0.3, "noun.time": 0.3, "noun.relation": 0.3, "noun.motive": 0.3,
     "noun.quantity": 0.3,
 }
 # Default ``subtree_weights``: the parts of those groups a photo shows (docs/concepts.md, "Ranking"):
-# sports, games and dancing, moving about, touching and embracing; the outside of the body and the bones.
+# sports, games and dancing, moving about, touching and embracing; the outside of the body and the bones;
+# weather, floods and earthquakes; explosions, eruptions and lightning.
 VISIBLE_SUBTREE_WEIGHTS = {
     "diversion.n.01": 1.0, "athletic_game.n.01": 1.0, "locomotion.n.02": 1.0, "touch.n.05": 1.0,
     "embrace.n.01": 1.0, "external_body_part.n.01": 1.0, "sense_organ.n.01": 1.0, "body_covering.n.01": 1.0,
-    "bone.n.01": 1.0,
+    "bone.n.01": 1.0, "atmospheric_phenomenon.n.01": 1.0, "geological_phenomenon.n.01": 1.0,
+    "discharge.n.01": 1.0,
 }
 
 SCHEMA = pa.schema([
@@ -131,7 +133,8 @@ class ConceptsConfig(Config):
         subtree_weights: a factor per WordNet subtree (synset id -> factor) that replaces the group's
             for the synsets under it; the most specific listed subtree wins. The default gives the
             visible parts of the lowered groups their full weight: sports, games, dancing, locomotion,
-            touching; the outside of the body (external parts, sense organs, hair and skin) and bones.
+            touching; the outside of the body (external parts, sense organs, hair and skin) and bones;
+            weather, floods and earthquakes; explosions, eruptions and lightning.
         inherit_groups: lexicographer groups whose synsets no lemma of which is rated take the
             concreteness and visual strength of their nearest rated hypernym, up to
             ``inherit_levels`` levels up (species, breeds, named tools), with their own frequency.

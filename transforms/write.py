@@ -264,9 +264,10 @@ def dataset_card(out_dir: str | Path, metadata: dict) -> str:
         "## How it was made",
         "",
         f"1. **Concepts** ({counts.get('concepts', 0):,}): picturable WordNet 3.0 noun synsets (things, visible "
-        "actions and events), each word labelling its best sense and any other sense with enough evidence, ranked by published human ratings of concreteness and "
-        "visual strength and by word frequency, times a factor per lexicographer group that lowers persons, acts "
-        "and abstractions (species and artefacts no norm rates take the ratings of their nearest rated hypernym), "
+        "actions and events), each word labelling its best sense and any other sense with enough evidence, ranked "
+        "by published human ratings of concreteness and visual strength and by word frequency, times a factor per "
+        "lexicographer group that lowers persons, acts, events, places, body parts and abstractions except their "
+        "visible subtrees (species and artefacts no norm rates take the ratings of their nearest rated hypernym), "
         "each with its lexicographer group and a desirable / "
         "undesirable / neutral label (`concepts` config). Rows flagged `reserve` are next-ranked candidates "
         "that retrieval draws on when a concept has no evidence in the corpus.",
