@@ -6,6 +6,7 @@ import yaml
 
 from pipeline.cli import main
 from transforms.concepts import ConceptSelector, ConceptsConfig, SCHEMA, select_concepts_direct, to_table
+from transforms.picturability import Evidence
 
 SMALL = {"roots": ["animal.n.01", "weapon.n.01"], "include_polarity_roots": False, "max_concepts": 300}
 
@@ -95,6 +96,20 @@ def test_subtree_factors_give_visible_acts_and_the_outside_of_the_body_full_weig
         ConceptSelector(ConceptsConfig(subtree_weights={"no_such.n.01": 1.0}))
     with pytest.raises(ValueError, match="subtree_weights must be in"):
         ConceptsConfig.from_dict({"subtree_weights": {"sport.n.01": 1.5}})
+
+
+def test_a_synset_is_rated_by_its_first_rated_lemma_so_rare_synonyms_do_not_pull_it_down(full):
+    """person.n.01 is person, individual, someone, somebody, mortal, soul: the mean of their visual
+    strengths (2.8) is under min_visual, the first lemma's (4.45) is not."""
+    from transforms.picturability import combine_words
+
+    words = [(0.9, 0.9, 0.8), (0.2, 0.1, 0.6), (None, 0.5, 0.5)]
+    assert combine_words(words, "first") == Evidence(0.9, 0.9, 0.8)
+    assert combine_words(words, "mean") == Evidence(pytest.approx(0.55), pytest.approx(0.5), 0.8)
+    ids = {r["concept_id"] for r in full}
+    assert {"person.n.01", "girl.n.01"} <= ids
+    mean = ConceptSelector(ConceptsConfig(lemma_combine="mean"))
+    assert mean.evaluate("person.n.01") == (None, "picturability")
 
 
 def test_unrated_leaves_inherit_a_rated_hypernym_and_only_when_asked():

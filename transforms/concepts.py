@@ -117,7 +117,9 @@ class ConceptsConfig(Config):
         min_depth: minimum hypernym depth (drops 'object', 'whole', ...).
         max_depth: maximum hypernym depth (None: no limit).
         weights: exponents of the ranking score c^w * v^w * f^w (concreteness, visual, frequency).
-        lemma_combine: how a synset's lemmas' ratings combine, "mean" or "max".
+        lemma_combine: how a synset's lemmas' ratings combine: "first" (the first lemma a norm rates;
+            WordNet lists a synset's words most common first, so rare or figurative synonyms such as
+            soul and mortal for person do not pull it down), "mean" or "max".
         min_concreteness: minimum concreteness (Brysbaert 1-5 scale) of a kept synset.
         min_visual: minimum visual strength (Lancaster 0-5 scale) of a kept synset, unless it is
             compensated (``compensated_visual``).
@@ -166,7 +168,7 @@ class ConceptsConfig(Config):
     min_depth: int = 3
     max_depth: int | None = None
     weights: dict[str, float] = field(default_factory=lambda: {"concreteness": 1.0, "visual": 1.0, "frequency": 1.0})
-    lemma_combine: str = "mean"
+    lemma_combine: str = "first"
     min_concreteness: float = 3.0
     min_visual: float = 3.0
     compensated_visual: float = 2.5

