@@ -112,14 +112,9 @@ class EvalConfig:
         if unknown:
             raise EvalError(f"defences: {unknown} are not fitted defences; the fitted defences are {sorted(fitted)}")
         try:
-            return {name: _fit_options(cls, self.defences.get(name)) for name, cls in fitted.items()}
+            return {name: cls.fit_options(self.defences.get(name)) for name, cls in fitted.items()}
         except (TypeError, ValueError) as exc:
             raise EvalError(f"defences: {exc}") from None
-
-
-def _fit_options(cls, given):
-    """A defence's fit options from ``EvalConfig.defences``: its config, a mapping of its fields, or None."""
-    return cls.fit_options(None, given) if isinstance(given, Mapping) else cls.fit_options(given)
 
 
 class EvalError(ValueError):

@@ -53,10 +53,14 @@ class FittedSteerer(Steerer):
         return cls.fit(options.model, options.processor, *sets, config=options.fit)
 
     @classmethod
-    def fit_options(cls, config: Config | None, options: Mapping[str, Any] | None = None) -> Config:
+    def fit_options(cls, config: Config | Mapping[str, Any] | None,
+                    options: Mapping[str, Any] | None = None) -> Config:
         """The fit options: ``config`` checked as this method's :attr:`fit_config` (types and values),
-        or one built from keyword ``options`` (its field names, e.g. ``fit(model, tok, layers=[3])``;
-        unknown names are errors listing the valid ones); neither: the defaults."""
+        or one built from a mapping of its fields, given as ``config`` or as keyword ``options``
+        (``fit(model, tok, layers=[3])``; unknown names are errors listing the valid ones);
+        neither: the defaults."""
+        if isinstance(config, Mapping):
+            config, options = None, {**config, **(options or {})}
         if options:
             if config is not None:
                 raise TypeError(f"{cls.__name__}.fit takes a {cls.fit_config.__name__} or keyword options, not both")

@@ -221,7 +221,7 @@ class IARSteerer(FittedSteerer):
         set; at least 2); ``refusal`` / ``compliant``: response strings (default: shipped).
         ``config``: the options (None: the defaults, the paper's best variant, head-level
         revision of the top 48 heads).
-        ``options``: the config's fields as keywords instead (``layers=[3]``).
+        ``options``: the config's fields as keywords instead (``k=8``).
         """
         from steering.contrastive import ContrastiveSets, response_states
 

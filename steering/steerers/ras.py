@@ -292,7 +292,7 @@ class RASSteerer(FittedSteerer):
         the shipped harmful / harmless sets); unsafe prompts must be text-only, benign
         items may carry images (they go through the visual-context step). ``config``: the
         options (None: the authors').
-        ``options``: the config's fields as keywords instead (``layers=[3]``).
+        ``options``: the config's fields as keywords instead (``n_tokens=5``).
         """
         from steering.contrastive import ContrastiveSets, open_image
 

@@ -253,7 +253,7 @@ class RefusalDirectionSteerer(FittedSteerer):
         selection). ``config``: the options (None: Arditi et al.'s; an untrained model that
         never refuses needs ``induce_threshold=-math.inf``). Raises ValueError when no
         candidate passes the filters, naming the filter.
-        ``options``: the config's fields as keywords instead (``layers=[3]``).
+        ``options``: the config's fields as keywords instead (``induce_threshold=-math.inf``).
         """
         from steering.contrastive import ContrastiveSets, post_instruction_positions, prompt_states
 
